@@ -1,0 +1,50 @@
+"""adapterkit: LoRA fine-tuning for PyTorch and transformers models, PEFT-format compatible, correct save/load.
+
+    import adapterkit as ak
+    ak.attach(model, ak.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+    ak.save(model, "out/")
+    report = ak.load(other_model, "out/")
+"""
+
+from .checkpoint import LoadReport, load, save
+from .config import LoraConfig
+from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
+from .model import (
+    active_adapters,
+    adapters,
+    attach,
+    count_parameters,
+    delete,
+    disabled,
+    merge,
+    set_active,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "AdapterLoadError",
+    "AdapterSaveError",
+    "ConfigError",
+    "LoadReport",
+    "LoraConfig",
+    "MergeError",
+    "TargetError",
+    "active_adapters",
+    "adapters",
+    "attach",
+    "count_parameters",
+    "delete",
+    "disabled",
+    "load",
+    "merge",
+    "save",
+    "set_active",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,64 @@
+"""PEFT's on-disk layout: file names, folder per adapter, and tensor keys <-> model modules.
+
+A tensor key is `base_model.model.<module path>.<suffix>`, the suffix being PEFT's parameter name without the
+adapter name (`lora_A.weight`, `lora_embedding_B`, or the module's own `weight` for a modules_to_save copy).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..model import AdapterState
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+DEFAULT_ADAPTER = "default"
+
+
+def adapter_dir(root: str | os.PathLike, name: str) -> Path:
+    """PEFT puts the adapter named "default" at the top level and any other name in a sub-folder of that name."""
+    root = Path(root)
+    return root if name == DEFAULT_ADAPTER else root / name
+
+
+def file_key(module_path: str, suffix: str) -> str:
+    return f"{KEY_PREFIX}{module_path}.{suffix}"
+
+
+def adapter_tensors(state: AdapterState, name: str) -> dict[str, nn.Parameter]:
+    """Every tensor adapter `name` owns, by file key (live parameters, not copies)."""
+    out: dict[str, nn.Parameter] = {}
+    for path, wrapper in state.wrappers.items():
+        if name in wrapper.adapter_names:
+            for suffix, tensor in wrapper.file_tensors(name).items():
+                out[file_key(path, suffix)] = tensor
+    return out
+
+
+def strip_prefix(key: str) -> str | None:
+    return key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else None
+
+
+def base_parameter_for(params: dict[str, torch.Tensor], key: str) -> tuple[str, torch.Tensor] | None:
+    """If a file key names a base model parameter (PEFT can save `...embed_tokens.base_layer.weight` or plain base
+    keys), return its path in the plain model and the live tensor. `params`: the model's named_parameters."""
+    inner = strip_prefix(key)
+    if inner is None:
+        return None
+    candidates = [inner, inner.replace(".base_layer.", ".")]
+    for candidate in candidates:
+        for live in (candidate, _wrapped_name(candidate)):
+            if live in params:
+                return candidate, params[live]
+    return None
+
+
+def _wrapped_name(path: str) -> str:
+    module, _, param = path.rpartition(".")
+    return f"{module}.base_layer.{param}" if module else path

@@ -1,0 +1,111 @@
+"""What every adapter wrapper shares: the base layer, its named adapters, which are active, and merge bookkeeping.
+
+A wrapper replaces one module of the user's model in place. Its `forward` must be straight-line: the active adapter's
+tensors are cached in a tuple when activation changes, never looked up by name per call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import MergeError
+
+
+class AdapterWrapper(nn.Module):
+    """Base class of layer wrappers. Subclasses own their parameter containers and `delta_weight`."""
+
+    # Names of the nn.ModuleDict / nn.ParameterDict attributes that hold per-adapter tensors.
+    adapter_containers: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_names: tuple[str, ...] = ()
+        self.merged_names: tuple[str, ...] = ()
+        # The base weight Parameter as it was before merging: unmerge puts this very object back, so the base is
+        # restored bit-exactly and any weight tying (shared Parameter) is restored with it.
+        self._unmerged_weight: nn.Parameter | None = None
+
+    # -- adapters ---------------------------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        container = getattr(self, self.adapter_containers[0])
+        return list(container.keys())
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged_names:
+            raise MergeError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge it first.")
+        for attr in self.adapter_containers:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        self.set_active(tuple(n for n in self.active_names if n != name))
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        self.active_names = tuple(n for n in names if n in self.adapter_names)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Rebuild the hot-path cache after activation or merge state changed."""
+        raise NotImplementedError
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params = []
+        for attr in self.adapter_containers:
+            container = getattr(self, attr)
+            if name in container:
+                entry = container[name]
+                params.extend(entry.parameters() if isinstance(entry, nn.Module) else [entry])
+        return params
+
+    # -- merge ------------------------------------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The update to add to `base_layer.weight`, in the base weight's layout, computed in float32."""
+        raise NotImplementedError
+
+    def merge(self, names: tuple[str, ...], keep_original: bool = True) -> None:
+        """Fold the adapters into a new base weight. The original Parameter is kept for an exact unmerge."""
+        names = tuple(n for n in names if n not in self.merged_names)
+        if not names:
+            return
+        weight = self.base_layer.weight
+        merged = weight.detach().float()
+        for name in names:
+            merged = merged + self.delta_weight(name)
+        if self._unmerged_weight is None and keep_original:
+            self._unmerged_weight = weight
+        # A new Parameter (not an in-place add): a weight shared with another module (tied embeddings) stays
+        # untouched for that module, which is what the unmerged model computes.
+        self.base_layer.weight = nn.Parameter(merged.to(weight.dtype), requires_grad=False)
+        self.merged_names = self.merged_names + names
+        self._refresh()
+
+    def unmerge(self) -> None:
+        if not self.merged_names:
+            return
+        if self._unmerged_weight is None:
+            raise MergeError(
+                f"{type(self.base_layer).__name__} was merged without keeping its original weight "
+                "(unload(merge=True)); it cannot be unmerged."
+            )
+        self.base_layer.weight = self._unmerged_weight
+        self._unmerged_weight = None
+        self.merged_names = ()
+        self._refresh()
+
+    def max_delta_bound(self, name: str) -> float:
+        """An upper bound on |delta| entries, cheap (no d x d product); inf when a factor is not finite."""
+        raise NotImplementedError
+
+    # -- conveniences so code that pokes at the wrapped layer keeps working ---------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={list(self.active_names)}, merged={list(self.merged_names)}"

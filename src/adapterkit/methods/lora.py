@@ -1,0 +1,174 @@
+"""LoRA layers: `W x + s * B(A(dropout(x)))` around nn.Linear, transformers Conv1D and nn.Embedding.
+
+Parameter names follow PEFT (`lora_A.<name>.weight`, `lora_B.<name>.weight`, `lora_embedding_A.<name>`), so the
+model's own state dict reads like a PEFT model's. A (r, in) starts kaiming-uniform(a=sqrt(5)), B (out, r) at zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LoraConfig
+from ..targeting import is_conv1d
+from .base import AdapterWrapper
+
+
+def supports(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Embedding)) or is_conv1d(module)
+
+
+def wrap(module: nn.Module) -> AdapterWrapper:
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    return LoraLinear(module)
+
+
+def _init_linear_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
+    with torch.no_grad():
+        if init == "gaussian":
+            nn.init.normal_(a, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init is False:
+            # A random, non-zero B (the nn.Linear default), so the adapter is not a no-op: used for tests.
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(b)
+
+
+class LoraLinear(AdapterWrapper):
+    """LoRA around a linear layer. For Conv1D (weight stored (in, out)) the delta is transposed on merge only."""
+
+    adapter_containers = ("lora_A", "lora_B", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        # Hot-path cache: ((A, B, dropout, scaling), ...) for the active, unmerged adapters.
+        self._active_lora: tuple[tuple[nn.Linear, nn.Linear, nn.Module, float], ...] = ()
+
+    def add_adapter(
+        self, name: str, cfg: LoraConfig, path: str, *, dtype: torch.dtype | None = None, init: bool = True
+    ) -> None:
+        r = cfg.rank_for(path)
+        w = self.base_layer.weight
+        factory = {"device": w.device, "dtype": dtype or w.dtype}
+        a = nn.Linear(self.in_features, r, bias=False, **factory)
+        b = nn.Linear(r, self.out_features, bias=False, **factory)
+        if init:
+            _init_linear_pair(a.weight, b.weight, cfg.init_lora_weights, r)
+        self.lora_A[name] = a
+        self.lora_B[name] = b
+        self.lora_dropout[name] = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+        self.scaling[name] = cfg.scaling_for(path)
+
+    def remove_adapter(self, name: str) -> None:
+        super().remove_adapter(name)
+        self.scaling.pop(name, None)
+
+    def _refresh(self) -> None:
+        self._active_lora = tuple(
+            (self.lora_A[n], self.lora_B[n], self.lora_dropout[n], self.scaling[n])
+            for n in self.active_names
+            if n not in self.merged_names
+        )
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        for lora_a, lora_b, dropout, scaling in self._active_lora:
+            h = dropout(x.to(lora_a.weight.dtype))  # (..., in)
+            out = out + (lora_b(lora_a(h)) * scaling).to(out.dtype)  # (..., r) -> (..., out)
+        return out
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a = self.lora_A[name].weight.float()  # (r, in)
+        b = self.lora_B[name].weight.float()  # (out, r)
+        delta = (b @ a) * self.scaling[name]  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def max_delta_bound(self, name: str) -> float:
+        a = self.lora_A[name].weight.float()
+        b = self.lora_B[name].weight.float()
+        return float(b.norm(dim=1).max() * a.norm(dim=0).max() * abs(self.scaling[name]))
+
+    def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """PEFT's per-module tensor names (after `base_model.model.<path>.`) for this adapter."""
+        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+
+
+class LoraEmbedding(AdapterWrapper):
+    """LoRA on an embedding table: rows of A^T are looked up like embeddings, then projected by B^T.
+
+    PEFT stores `lora_embedding_A` (r, num_embeddings) and `lora_embedding_B` (embedding_dim, r) as bare parameters.
+    """
+
+    adapter_containers = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.num_embeddings, self.embedding_dim = base_layer.weight.shape
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self._active_lora: tuple[tuple[nn.Parameter, nn.Parameter, float], ...] = ()
+
+    def add_adapter(
+        self, name: str, cfg: LoraConfig, path: str, *, dtype: torch.dtype | None = None, init: bool = True
+    ) -> None:
+        r = cfg.rank_for(path)
+        w = self.base_layer.weight
+        factory = {"device": w.device, "dtype": dtype or w.dtype}
+        a = torch.empty(r, self.num_embeddings, **factory)
+        b = torch.empty(self.embedding_dim, r, **factory)
+        if init:
+            if cfg.init_lora_weights is False:
+                nn.init.normal_(a)  # random non-zero A and B: the adapter changes outputs from the start
+                nn.init.normal_(b)
+            else:
+                nn.init.zeros_(a)
+                nn.init.normal_(b)
+        self.lora_embedding_A[name] = nn.Parameter(a)
+        self.lora_embedding_B[name] = nn.Parameter(b)
+        self.scaling[name] = cfg.scaling_for(path)
+
+    def remove_adapter(self, name: str) -> None:
+        super().remove_adapter(name)
+        self.scaling.pop(name, None)
+
+    def _refresh(self) -> None:
+        self._active_lora = tuple(
+            (self.lora_embedding_A[n], self.lora_embedding_B[n], self.scaling[n])
+            for n in self.active_names
+            if n not in self.merged_names
+        )
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        out = base(ids)
+        for a, b, scaling in self._active_lora:
+            h = F.embedding(ids, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+            out = out + ((h @ b.T) * scaling).to(out.dtype)  # (..., r) -> (..., dim)
+        return out
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a = self.lora_embedding_A[name].float()  # (r, num_embeddings)
+        b = self.lora_embedding_B[name].float()  # (dim, r)
+        return (b @ a).T * self.scaling[name]  # (num_embeddings, dim)
+
+    def max_delta_bound(self, name: str) -> float:
+        a = self.lora_embedding_A[name].float()
+        b = self.lora_embedding_B[name].float()
+        return float(b.norm(dim=1).max() * a.norm(dim=0).max() * abs(self.scaling[name]))
+
+    def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_embedding_A": self.lora_embedding_A[name], "lora_embedding_B": self.lora_embedding_B[name]}

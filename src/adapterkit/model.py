@@ -1,0 +1,303 @@
+"""The verbs over a user's model: attach, activate, disable, delete, merge, unmerge, unload.
+
+The model stays the user's own nn.Module; adapter layers replace target modules in place and a small
+`AdapterState` rides on the model as `model._adapterkit`, recording configs, active names and wrappers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .errors import ConfigError, MergeError, TargetError
+from .methods import lora
+from .methods.base import AdapterWrapper
+from .modules_to_save import TrainableCopy
+from .targeting import expand_targets, find_modules_to_save, find_targets, is_conv1d
+
+_STATE_ATTR = "_adapterkit"
+
+
+@dataclass
+class AdapterState:
+    configs: dict[str, LoraConfig] = field(default_factory=dict)
+    active: tuple[str, ...] = ()
+    wrappers: dict[str, AdapterWrapper] = field(default_factory=dict)  # module path -> wrapper
+    disabled: bool = False
+    # requires_grad of every parameter before the first attach: restored when the model is plain again.
+    base_requires_grad: dict[str, bool] = field(default_factory=dict)
+    # tie_word_embeddings before a merge untied something; restored by unmerge.
+    tie_flag_before_merge: bool | None = None
+
+
+def adapter_state(model: nn.Module) -> AdapterState | None:
+    return model.__dict__.get(_STATE_ATTR)
+
+
+def _require_state(model: nn.Module) -> AdapterState:
+    state = adapter_state(model)
+    if state is None or not state.configs:
+        raise ConfigError(f"{type(model).__name__} has no adapters attached; call adapterkit.attach or load first.")
+    return state
+
+
+def adapters(model: nn.Module) -> dict[str, LoraConfig]:
+    """The configs of the adapters attached to `model`, by name (empty for a plain model)."""
+    state = adapter_state(model)
+    return dict(state.configs) if state else {}
+
+
+def active_adapters(model: nn.Module) -> tuple[str, ...]:
+    state = adapter_state(model)
+    return state.active if state else ()
+
+
+def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise ConfigError(f"adapter name {name!r} must be non-empty letters, digits, '_' or '-' (it becomes a key).")
+
+
+def attach(
+    model: nn.Module, config: LoraConfig, name: str = "default", *, dtype: torch.dtype | None = None, init: bool = True
+) -> nn.Module:
+    """Add adapter `name` to `model` in place and return the same model.
+
+    The base is frozen; the first adapter becomes active and trainable. Later adapters are attached inactive, as in
+    PEFT: `set_active` switches. Adapter tensors take each base layer's dtype and device unless `dtype` is given.
+    Nothing in the model changes when targeting fails.
+    """
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(f"attach expects an adapterkit.LoraConfig, got {type(config).__name__}.")
+    _check_name(name)
+    state = adapter_state(model)
+    if state is not None and name in state.configs:
+        raise ConfigError(f"an adapter named {name!r} is already attached; delete it first or choose another name.")
+    cfg = expand_targets(model, config)
+    targets = find_targets(model, cfg)
+    copies = find_modules_to_save(model, cfg)
+    if not targets and not copies:
+        raise TargetError("the config targets no module: set target_modules or modules_to_save.")
+    if any(is_conv1d(getattr(m, "base_layer", m)) for _, m in targets):
+        cfg = cfg.replace(fan_in_fan_out=True)  # recorded in the file as PEFT does; handled per layer
+    if cfg.base_model_name_or_path is None:
+        cfg = cfg.replace(base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None)
+
+    if state is None:
+        state = AdapterState(base_requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+        model.__dict__[_STATE_ATTR] = state
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    for path, module in targets:
+        wrapper = module if isinstance(module, AdapterWrapper) else lora.wrap(module)
+        if wrapper is not module:
+            _replace_module(model, path, wrapper)
+        wrapper.add_adapter(name, cfg, path, dtype=dtype, init=init)
+        state.wrappers[path] = wrapper
+    memo: dict = {}
+    for path, module in copies:
+        wrapper = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
+        if wrapper is not module:
+            _replace_module(model, path, wrapper)
+        wrapper.add_adapter(name, memo=memo, dtype=dtype)
+        state.wrappers[path] = wrapper
+    state.configs[name] = cfg
+    set_active(model, state.active or (name,))
+    return model
+
+
+def set_active(model: nn.Module, names: str | list[str] | tuple[str, ...]) -> None:
+    """Make `names` the active adapter(s). Active adapters are trainable (unless in inference mode), others frozen."""
+    state = _require_state(model)
+    names = (names,) if isinstance(names, str) else tuple(names)
+    unknown = [n for n in names if n not in state.configs]
+    if unknown:
+        raise ConfigError(f"no adapter named {unknown[0]!r}; attached adapters: {sorted(state.configs)}.")
+    state.active = names
+    _apply_activation(state)
+
+
+def _apply_activation(state: AdapterState) -> None:
+    live = () if state.disabled else state.active
+    for wrapper in state.wrappers.values():
+        wrapper.set_active(live)
+        for adapter in wrapper.adapter_names:
+            trainable = adapter in state.active and not state.configs[adapter].inference_mode
+            for p in wrapper.adapter_parameters(adapter):
+                p.requires_grad_(trainable)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model without any adapter inside the `with` block."""
+    state = _require_state(model)
+    if any(w.merged_names for w in state.wrappers.values()):
+        raise MergeError("adapters are merged into the base weights; unmerge before disabling them.")
+    previous = state.disabled
+    state.disabled = True
+    _apply_activation(state)
+    try:
+        yield model
+    finally:
+        state.disabled = previous
+        _apply_activation(state)
+
+
+def delete(model: nn.Module, name: str) -> None:
+    """Remove adapter `name`; layers left with no adapter are unwrapped. The last delete returns the plain model."""
+    state = _require_state(model)
+    if name not in state.configs:
+        raise ConfigError(f"no adapter named {name!r}; attached adapters: {sorted(state.configs)}.")
+    for path, wrapper in list(state.wrappers.items()):
+        if name in wrapper.adapter_names:
+            wrapper.remove_adapter(name)
+            if not wrapper.adapter_names:
+                _replace_module(model, path, wrapper.base_layer)
+                del state.wrappers[path]
+    del state.configs[name]
+    state.active = tuple(n for n in state.active if n != name)
+    if not state.configs:
+        _forget(model, state)
+    else:
+        _apply_activation(state)
+
+
+def _forget(model: nn.Module, state: AdapterState) -> None:
+    for pname, p in model.named_parameters():
+        if pname in state.base_requires_grad:
+            p.requires_grad_(state.base_requires_grad[pname])
+    del model.__dict__[_STATE_ATTR]
+
+
+def _check_mergeable(state: AdapterState, names: tuple[str, ...]) -> None:
+    """Refuse a non-finite delta before any weight changes. A cheap norm bound clears almost every layer."""
+    for path, wrapper in state.wrappers.items():
+        weight = wrapper.base_layer.weight
+        limit = torch.finfo(weight.dtype).max / 4 if weight.dtype.is_floating_point else float("inf")
+        for name in names:
+            if name not in wrapper.adapter_names or name in wrapper.merged_names:
+                continue
+            bound = wrapper.max_delta_bound(name)
+            if bound < limit:
+                continue
+            if isinstance(wrapper, TrainableCopy) or not torch.isfinite(wrapper.delta_weight(name)).all():
+                raise MergeError(
+                    f"adapter {name!r} has a non-finite (NaN/Inf) update at {path!r}; merge refused and no weight "
+                    "was changed. Check the training run (learning rate, loss scaling) that produced it."
+                )
+            if not torch.isfinite(wrapper.delta_weight(name).to(weight.dtype)).all():
+                raise MergeError(
+                    f"adapter {name!r} at {path!r} overflows {weight.dtype} when merged; merge refused and no weight "
+                    "was changed. Merge into a wider dtype (e.g. model.float())."
+                )
+
+
+def merge(model: nn.Module, names: str | list[str] | None = None, *, keep_original: bool = True) -> None:
+    """Fold adapters (default: the active ones) into the base weights. `unmerge` restores them bit-exactly.
+
+    Weights tied to another module (shared input/output embeddings) are untied for the merged module only, so the
+    merged model computes what the unmerged one did; `tie_word_embeddings` in the model config follows.
+    """
+    state = _require_state(model)
+    chosen = state.active if names is None else ((names,) if isinstance(names, str) else tuple(names))
+    unknown = [n for n in chosen if n not in state.configs]
+    if unknown:
+        raise ConfigError(f"no adapter named {unknown[0]!r}; attached adapters: {sorted(state.configs)}.")
+    _merge(model, state, chosen, keep_original)
+
+
+def _merge(model: nn.Module, state: AdapterState, chosen: tuple[str, ...], keep_original: bool) -> None:
+    if not chosen:
+        raise MergeError("no adapter is active, so there is nothing to merge; pass names=[...] or set_active first.")
+    _check_mergeable(state, chosen)
+    for wrapper in state.wrappers.values():
+        wrapper.merge(tuple(n for n in chosen if n in wrapper.adapter_names), keep_original=keep_original)
+    _sync_tie_flag(model, state)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo `merge`: the original base weight tensors are put back (bit-exact, ties restored)."""
+    state = _require_state(model)
+    for wrapper in state.wrappers.values():
+        wrapper.unmerge()
+    if state.tie_flag_before_merge is not None:
+        _set_tie_flag(model, state.tie_flag_before_merge)
+        state.tie_flag_before_merge = None
+
+
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Remove every adapter and return the same model as a plain module.
+
+    merge=False gives back the original model exactly (trained `modules_to_save` copies are dropped too);
+    merge=True folds the active adapters in first and keeps trained `modules_to_save` copies in place of the originals.
+    """
+    state = _require_state(model)
+    if merge:
+        _merge(model, state, state.active, keep_original=False)
+    else:
+        unmerge(model)
+    for path, wrapper in list(state.wrappers.items()):
+        replacement = wrapper.base_layer
+        if merge and isinstance(wrapper, TrainableCopy):
+            replacement = wrapper._current
+        _replace_module(model, path, replacement)
+    _forget(model, state)
+    return model
+
+
+def _tie_flag(model: nn.Module) -> bool | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "tie_word_embeddings", None) if config is not None else None
+
+
+def _set_tie_flag(model: nn.Module, value: bool) -> None:
+    config = model.config
+    config.tie_word_embeddings = value
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if text is not None and text is not config and hasattr(text, "tie_word_embeddings"):
+        text.tie_word_embeddings = value
+
+
+def embeddings_tied(model: nn.Module) -> bool | None:
+    """Whether the input and output embeddings share one weight tensor now (None when the model has no such pair)."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        return None
+    try:
+        emb, head = get_in(), get_out()
+    except (AttributeError, NotImplementedError):
+        return None
+    if emb is None or head is None:
+        return None
+    return emb.weight is head.weight
+
+
+def _sync_tie_flag(model: nn.Module, state: AdapterState) -> None:
+    """When merging untied the embedding pair, say so in the config so save_pretrained / from_pretrained agree."""
+    if _tie_flag(model) and embeddings_tied(model) is False:
+        if state.tie_flag_before_merge is None:
+            state.tie_flag_before_merge = True
+        _set_tie_flag(model, False)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each shared tensor counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

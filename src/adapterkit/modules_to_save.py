@@ -1,0 +1,64 @@
+"""`modules_to_save`: a whole module trained as a full copy per adapter, the original kept frozen beside it.
+
+Internal parameter names match PEFT (`<path>.modules_to_save.<name>.weight`); in the file the copy is saved under
+the module's own key (`base_model.model.<path>.weight`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .methods.base import AdapterWrapper
+
+
+class TrainableCopy(AdapterWrapper):
+    """Holds `base_layer` (the original, frozen) and `modules_to_save[name]` (trainable copies); forwards to one."""
+
+    adapter_containers = ("modules_to_save",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.modules_to_save = nn.ModuleDict()
+        self._current: nn.Module = base_layer  # hot path: the module forward runs
+
+    def add_adapter(self, name: str, memo: dict | None = None, dtype: torch.dtype | None = None) -> None:
+        # One deepcopy memo across all copies made for one adapter keeps tensors that the originals share (tied
+        # embedding and head) shared between the copies too.
+        new = copy.deepcopy(self.base_layer, memo if memo is not None else {})
+        if dtype is not None:
+            new.to(dtype)
+        for p in new.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = new
+
+    def _refresh(self) -> None:
+        # A merged copy stays in use whatever is active, just as merged LoRA weights do.
+        chosen = list(self.merged_names) or [n for n in self.active_names if n in self.modules_to_save]
+        self._current = self.modules_to_save[chosen[-1]] if chosen else self.base_layer
+
+    def forward(self, *args, **kwargs):
+        return self._current(*args, **kwargs)
+
+    def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(self.modules_to_save[name].state_dict(keep_vars=True))
+
+    # A copy replaces the module when merging: there is no delta, and unmerge is a pointer swap back.
+    def merge(self, names: tuple[str, ...], keep_original: bool = True) -> None:
+        names = tuple(n for n in names if n in self.modules_to_save)
+        if names:
+            self.merged_names = names[-1:]
+            self._refresh()
+
+    def unmerge(self) -> None:
+        self.merged_names = ()
+        self._refresh()
+
+    def max_delta_bound(self, name: str) -> float:
+        return 0.0 if all(torch.isfinite(p).all() for p in self.modules_to_save[name].parameters()) else float("inf")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._current.weight

@@ -1,0 +1,189 @@
+"""Which modules of a model get adapters, by PEFT's matching rules.
+
+A string target is a regex `fullmatch` on the module path; a list matches an exact path or a `.name` suffix;
+"all-linear" means every linear layer except the output head. `exclude_modules` and `layers_to_transform` filter.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from .config import DEFAULT_TARGETS, LoraConfig
+from .errors import TargetError
+
+ALL_LINEAR = "all-linear"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style `Conv1D` (a linear layer storing its weight as (in, out)), detected without importing it."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """`named_modules`, but an adapter wrapper stands for its base layer: its insides are never candidates."""
+    from .methods.base import AdapterWrapper
+
+    yield prefix, model
+    if isinstance(model, AdapterWrapper):
+        return
+    for child_name, child in model._modules.items():
+        if child is None:
+            continue
+        yield from iter_modules(child, f"{prefix}.{child_name}" if prefix else child_name)
+
+
+def base_of(module: nn.Module) -> nn.Module:
+    from .methods.base import AdapterWrapper
+
+    return module.base_layer if isinstance(module, AdapterWrapper) else module
+
+
+def output_head_path(model: nn.Module) -> str | None:
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_out is None:
+        return None
+    try:
+        head = get_out()
+    except (AttributeError, NotImplementedError):
+        return None
+    if head is None:
+        return None
+    for name, module in iter_modules(model):
+        if module is head or base_of(module) is head:
+            return name
+    return None
+
+
+def _matches_list_or_regex(spec: list[str] | str, key: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, key) is not None
+    return key in spec or any(key.endswith(f".{t}") for t in spec)
+
+
+def _layer_index(cfg: LoraConfig, key: str) -> int | None:
+    patterns = cfg.layers_pattern
+    if not patterns:
+        # The first numbered path segment is the layer index (not a nested one such as an expert index).
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def matches_modules_to_save(cfg: LoraConfig, key: str) -> bool:
+    # PEFT's rule for modules_to_save is a plain string suffix.
+    return bool(cfg.modules_to_save) and any(key.endswith(m) for m in cfg.modules_to_save)
+
+
+def matches_target(cfg: LoraConfig, key: str) -> bool:
+    """True when the module at `key` gets a LoRA adapter under `cfg` (targets already expanded)."""
+    if cfg.exclude_modules and _matches_list_or_regex(cfg.exclude_modules, key):
+        return False
+    if cfg.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in cfg.modules_to_save):
+        return False  # a module trained as a full copy never also gets LoRA
+    targets = cfg.target_modules
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    if key in targets:
+        return True
+    if not any(key.endswith(f".{t}") for t in targets):
+        return False
+    wanted = cfg.layers_to_transform
+    if wanted is None or (isinstance(wanted, list) and not wanted):
+        return True
+    index = _layer_index(cfg, key)
+    if index is None:
+        return False
+    return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+def expand_targets(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
+    """Resolve `all-linear` and a missing `target_modules` into the explicit form that is saved in the file."""
+    targets = cfg.target_modules
+    if targets is None and not cfg.modules_to_save:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise TargetError(
+                "target_modules is not set and there is no default for this model "
+                f"(model_type={model_type!r}); pass e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'."
+            )
+        return cfg.replace(target_modules=list(DEFAULT_TARGETS[model_type]))
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        head = output_head_path(model)
+        names = sorted(
+            name for name, module in iter_modules(model) if name and name != head and is_linear(base_of(module))
+        )
+        return cfg.replace(target_modules=names)
+    return cfg
+
+
+def find_targets(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """The (path, module) pairs that get LoRA; raises TargetError when nothing matches or a match is not adaptable."""
+    from .methods import lora
+
+    found = []
+    for name, module in iter_modules(model):
+        if name and matches_target(cfg, name):
+            base = base_of(module)
+            if not lora.supports(base):
+                raise TargetError(
+                    f"target_modules matched {name!r}, a {type(base).__name__}; LoRA applies to nn.Linear, "
+                    f"transformers Conv1D and nn.Embedding. Narrow the pattern (e.g. {name}.q_proj)."
+                )
+            found.append((name, module))
+    if not found and cfg.target_modules:
+        raise TargetError(
+            f"target_modules={_short(cfg.target_modules)} matched no module of {type(model).__name__}. "
+            f"Module names that exist include: {', '.join(sample_leaf_names(model))}."
+        )
+    return found
+
+
+def find_modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module]]:
+    if not cfg.modules_to_save:
+        return []
+    from .methods.base import AdapterWrapper
+
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in iter_modules(model):
+        if not name or not matches_modules_to_save(cfg, name):
+            continue
+        if any(name.startswith(parent + ".") for parent, _ in found):
+            continue  # the enclosing module is already copied whole
+        if isinstance(module, AdapterWrapper) and not hasattr(module, "modules_to_save"):
+            raise TargetError(f"{name!r} already carries LoRA; it cannot also be in modules_to_save.")
+        found.append((name, module))
+    if not found:
+        raise TargetError(
+            f"modules_to_save={cfg.modules_to_save} matched no module of {type(model).__name__}. "
+            f"Module names that exist include: {', '.join(sample_leaf_names(model))}."
+        )
+    return found
+
+
+def sample_leaf_names(model: nn.Module, limit: int = 12) -> list[str]:
+    """A few distinct last path components of leaf modules, to show the user what names exist."""
+    seen: dict[str, None] = {}
+    for name, module in iter_modules(model):
+        if name and not any(True for _ in module.children()):
+            seen.setdefault(name.rsplit(".", 1)[-1], None)
+    names = list(seen)
+    return names[:limit] + (["..."] if len(names) > limit else [])
+
+
+def _short(value: object, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
