@@ -7,16 +7,26 @@ exactly as it was.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .. import vocab
 from ..config import LoraConfig
 from ..errors import AdapterLoadError, ConfigError
 from ..model import adapter_state, attach, delete, set_active
+from . import fingerprint as F
 from . import report as R
-from .format import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, adapter_tensors, base_parameter_for
+from .format import (
+    CONFIG_NAME,
+    LEGACY_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    adapter_tensors,
+    base_parameter_for,
+    expand_aliases,
+)
 from .io import read_tensors
 
 _MAX_LISTED = 8
@@ -67,21 +77,32 @@ def load(
     trainable: bool = False,
     activate: bool = True,
     allow_base_overwrite: bool = False,
+    check_base: str = "error",
+    resize: bool = True,
 ) -> R.LoadReport:
     """Attach adapter `name` from `path` onto `model` and fill every adapter parameter from the file.
 
     strict: every adapter parameter must get a value and every file tensor must be accounted for.
     allow_base_overwrite: apply file tensors that would change base weights (refused by default).
+    check_base: what to do when the file's base fingerprint says the adapter was trained on other weights of this
+        architecture: "error" (default), "warn" (warnings.warn and a report note) or "off". A different structure
+        (absent modules, other shapes or config sizes) is an error whatever this says.
+    resize: when the file records embeddings of another size (tokens were added before training), resize this
+        model's embeddings to match (tying kept; trained rows come from the file). False: raise instead.
     Raises AdapterLoadError (the model unchanged) on any mismatch; returns a LoadReport otherwise.
     """
-    folder, cfg, tensors, _metadata = read_adapter(path, name)
+    folder, cfg, tensors, metadata = read_adapter(path, name)
+    base_check = _check_base(model, folder, F.from_metadata(metadata), check_base)
     state = adapter_state(model)
     if state is not None and name in state.configs:
         raise AdapterLoadError(f"an adapter named {name!r} is already attached; delete it or load under another name.")
     cfg = cfg.replace(inference_mode=not trainable)
+    tensors = expand_aliases(tensors, metadata)
+    rows_before = _match_vocabulary(model, folder, metadata, resize)
     try:
         attach(model, cfg, name)
     except ConfigError as exc:
+        _undo_resize(model, rows_before)
         raise AdapterLoadError(f"adapter {folder} does not fit {type(model).__name__}: {exc}") from exc
 
     try:
@@ -89,15 +110,88 @@ def load(
         _check(report, strict)
     except BaseException:
         delete(model, name)
+        _undo_resize(model, rows_before)
         raise
     with torch.no_grad():
         for live, value in plan:
             live.copy_(value)
     report.unknown_config_keys = sorted(cfg.unknown_keys)
-    report.notes.append("base not verified: the file carries no base fingerprint")
+    report.base_check = base_check.describe()
+    if rows_before is not None:
+        report.notes.append(
+            f"vocabulary: embeddings resized from {rows_before} to {vocab.embedding_sizes(model)['input'][0]} rows "
+            "to match the adapter"
+        )
+    report.notes += [f"base: {n}" for n in base_check.notes]
     if activate:
         set_active(model, name)
     return report
+
+
+def _match_vocabulary(model: nn.Module, folder: Path, metadata: dict, resize: bool) -> int | None:
+    """Resize the embeddings to the rows the adapter was trained with; the previous row count, or None if unchanged."""
+    recorded = (vocab.read_sizes(metadata) or {}).get("input")
+    now = vocab.embedding_sizes(model).get("input")
+    if not recorded or not now or recorded[0] == now[0]:
+        return None
+    if recorded[1] != now[1]:
+        return None  # another width: a different model, which the structural checks report
+    if not resize:
+        raise AdapterLoadError(
+            f"adapter {folder} was trained with an embedding of {recorded[0]} rows (vocabulary resized), but this "
+            f"model's has {now[0]}. Nothing was changed. Load with resize=True (the default) to resize the model, "
+            f"or call model.resize_token_embeddings({recorded[0]}) first."
+        )
+    try:
+        vocab.resize(model, recorded[0])
+    except (AttributeError, NotImplementedError, RuntimeError) as exc:
+        raise AdapterLoadError(
+            f"adapter {folder} needs the embedding resized from {now[0]} to {recorded[0]} rows, and this model "
+            f"could not be resized ({exc}). Resize it yourself before loading."
+        ) from exc
+    return now[0]
+
+
+def _undo_resize(model: nn.Module, rows_before: int | None) -> None:
+    if rows_before is not None:
+        vocab.resize(model, rows_before)
+
+
+_CHECK_BASE = ("error", "warn", "off")
+
+
+def _check_base(model: nn.Module, folder: Path, fp: dict | None, check_base: str) -> F.BaseCheck:
+    """Compare the file's base fingerprint with `model` before anything is attached; raise on a mismatch."""
+    if check_base not in _CHECK_BASE:
+        raise AdapterLoadError(f"check_base must be one of {_CHECK_BASE}, got {check_base!r}.")
+    if fp is None:
+        return F.not_verified("no fingerprint in file")
+    result = F.compare(fp, model, weights=check_base != "off")
+    origin = fp.get("name_or_path") or fp.get("class") or "its base"
+    if fp.get("revision"):
+        origin += f" (revision {fp['revision']})"
+    if result.verdict == F.DIFFERENT_MODEL:
+        raise AdapterLoadError(
+            f"adapter {folder} was trained on a model of another structure ({origin}): "
+            f"{'; '.join(result.structural[:_MAX_LISTED])}. Nothing was changed. Load it onto the model it was "
+            "trained for."
+        )
+    if result.verdict == F.DIFFERENT_WEIGHTS:
+        message = (
+            f"adapter {folder} was trained on a different base (likely another revision or fine-tune) than this "
+            f"{type(model).__name__}: {'; '.join(result.weight_differences[:_MAX_LISTED])}. Its base was {origin}."
+        )
+        if check_base == "error":
+            raise AdapterLoadError(
+                message + " Nothing was changed. Load it onto that base, or pass check_base='warn' (or 'off') to "
+                "load it anyway."
+            )
+        warnings.warn(message, stacklevel=3)
+        result.notes.insert(0, "loaded although the weights differ from the adapter's base (check_base='warn')")
+    if check_base == "off":
+        result.verdict = F.NOT_VERIFIED
+        result.notes.insert(0, "weights not compared: check_base='off'")
+    return result
 
 
 def _plan(

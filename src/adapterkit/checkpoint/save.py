@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from .. import vocab
 from ..errors import AdapterSaveError
 from ..model import _require_state
-from .format import WEIGHTS_NAME, adapter_dir, adapter_tensors
+from . import fingerprint
+from .format import ALIASES_METADATA_KEY, WEIGHTS_NAME, adapter_dir, adapter_tensors
 from .io import atomic_directory
 
 
-def save(model: nn.Module, directory: str | os.PathLike, *, names: list[str] | None = None) -> Path:
+def save(
+    model: nn.Module, directory: str | os.PathLike, *, names: list[str] | None = None, tokenizer: Any = None
+) -> Path:
     """Save adapters (default: all) to `directory`: "default" at the top level, other names in sub-folders.
 
     Files already in `directory` that the save does not rewrite (a tokenizer, trainer state) are kept.
+    `tokenizer`: saved beside the adapter (top level), e.g. after `vocab.add_tokens` changed its vocabulary.
+    A tensor shared by several adapter modules (tied modules_to_save copies) is written once; the other keys are
+    recorded as aliases in the header metadata and `load` restores the sharing.
     """
     from safetensors.torch import save_file
 
@@ -30,7 +39,13 @@ def save(model: nn.Module, directory: str | os.PathLike, *, names: list[str] | N
     payloads = []
     for name in names:
         tensors = {}
+        first_key: dict[int, str] = {}  # id(live tensor) -> the file key it is saved under
+        aliases: dict[str, str] = {}
         for key, tensor in adapter_tensors(state, name).items():
+            if id(tensor) in first_key:
+                aliases[key] = first_key[id(tensor)]
+                continue
+            first_key[id(tensor)] = key
             value = tensor.detach()
             if not torch.isfinite(value).all():
                 raise AdapterSaveError(
@@ -39,13 +54,21 @@ def save(model: nn.Module, directory: str | os.PathLike, *, names: list[str] | N
                 )
             # A private contiguous CPU copy: safetensors refuses tensors that share memory.
             tensors[key] = value.to("cpu", copy=True).contiguous()
-        payloads.append((name, state.configs[name], tensors))
+        # The base this adapter was trained on, in the header metadata (PEFT ignores it): checked by `load`.
+        modules = sorted(p for p, w in state.wrappers.items() if name in w.adapter_names)
+        metadata = {"format": "pt", **fingerprint.to_metadata(fingerprint.compute(model, modules))}
+        metadata.update(vocab.sizes_metadata(model))
+        if aliases:
+            metadata[ALIASES_METADATA_KEY] = json.dumps(aliases, sort_keys=True)
+        payloads.append((name, state.configs[name], tensors, metadata))
 
     target = Path(directory)
     with atomic_directory(target) as tmp:
-        for name, cfg, tensors in payloads:
+        for name, cfg, tensors, metadata in payloads:
             out = adapter_dir(tmp, name)
             out.mkdir(parents=True, exist_ok=True)
             cfg.replace(inference_mode=True).save(out)
-            save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+            save_file(tensors, str(out / WEIGHTS_NAME), metadata=metadata)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     return target

@@ -1,0 +1,467 @@
+"""Base-model fingerprint: what an adapter was trained on, recorded at save and checked at load.
+
+The fingerprint is a small JSON document stored in the safetensors header metadata under `METADATA_KEY` (PEFT and
+other readers ignore metadata, so the file stays a valid PEFT adapter). It holds:
+
+- `class`, `config`: the model class and its structural config keys (`STRUCTURAL_KEYS`: sizes, layers, heads, vocab);
+- `name_or_path`, `revision`: where the base came from, when transformers knows it;
+- `embeddings`: input / output embedding shapes; `ties`: groups of parameter paths that share one tensor (identity);
+- `modules`: for every module the adapter targets, the shape and a **weight signature** of its *base* weight
+  (the original weight when merged, never a modules_to_save copy).
+
+Weight signature (cheap: a gather of a few thousand entries per weight, ~0.01 s for a 135M model): `SAMPLE` entries
+at fixed pseudo-random positions (a hash of the entry number, so the same positions at save and load for one shape)
+kept as float16 after division by their RMS, plus robust statistics of a larger `STATS_SAMPLE`: RMS and median |w|.
+Everything is computed in float32, so a bf16 / fp16 copy of the base gives the same signature up to rounding.
+
+Comparison, per module (thresholds tested in tests/checkpoint/test_fingerprint.py):
+- "identical": relative L2 difference of the samples <= `IDENTICAL_REL` (1%; a bf16 cast is ~0.3%);
+- "close": correlation >= `SAME_CORR` (0.9) and RMS ratio within `SCALE_RANGE` (0.8..1.25). A 4-bit absmax round trip
+  (group 64) gives correlation ~0.995; independent initialisations ~0 +- 0.06 (256 samples); weights trained away
+  from the recorded ones (delta as large as the weight) ~0.7. A fine-tune that moves weights by less than 4-bit
+  quantization noise cannot be told from a quantized copy by any sample, and is reported as "close";
+- "different": anything else.
+
+API:
+    fp = compute(model, modules=None)             # dict (JSON-ready); modules: paths to sign (default: adapter targets)
+    meta = to_metadata(fp); fp = from_metadata(meta)   # {METADATA_KEY: json string} <-> dict (None if absent)
+    result = compare(fp, model, weights=True)     # -> BaseCheck
+    result.verdict        # SAME | DIFFERENT_WEIGHTS | DIFFERENT_MODEL | NOT_VERIFIED
+    result.structural     # list of str: structure differences (absent modules, shapes, config keys)
+    result.modules        # list of ModuleCheck(path, status, correlation, rel_diff, scale, note)
+    result.notes          # list of str: things noticed that decide nothing (vocabulary size, class name, ...)
+    result.describe()     # one line: the verdict with its reason, as `LoadReport.base_check` shows it
+    str(result)           # verdict line plus one line per module: what a `verify` command prints
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+METADATA_KEY = "adapterkit.base_fingerprint"
+VERSION = 1
+SAMPLE = 256  # entries kept per weight for the correlation test
+STATS_SAMPLE = 4096  # entries the RMS / median statistics are computed from
+
+IDENTICAL_REL = 0.01
+SAME_CORR = 0.9
+SCALE_RANGE = (0.8, 1.25)
+
+SAME = "same base"
+DIFFERENT_WEIGHTS = "same architecture, different weights"
+DIFFERENT_MODEL = "different model"
+NOT_VERIFIED = "not verified"
+
+# Config keys that decide parameter shapes or how they are wired; read with getattr so aliases (GPT-2's n_embd for
+# hidden_size) resolve. Names, dtypes, rope scaling and position limits are deliberately absent.
+STRUCTURAL_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "n_inner",
+    "n_positions",
+    "num_local_experts",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "d_ff",
+    "d_kv",
+    "encoder_layers",
+    "decoder_layers",
+)
+# Vocabulary size may differ legitimately (tokens added before training, restored by the vocabulary code).
+_VOCAB_KEYS = ("vocab_size",)
+
+
+# -- sampling ------------------------------------------------------------------------------------------------------
+def _mix(x: int) -> int:
+    """splitmix64: a fixed integer hash, identical on every platform and torch version."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+@lru_cache(maxsize=64)
+def _positions(numel: int, count: int, salt: int) -> torch.Tensor:
+    """`count` flat positions in [0, numel): all of them when the weight is small."""
+    if numel <= count:
+        return torch.arange(numel)
+    return torch.tensor([_mix(i + salt * 1_000_003) % numel for i in range(count)], dtype=torch.int64)
+
+
+def _flat_positions(rec_shape: list[int], now_shape: tuple[int, ...], count: int, salt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions chosen for the recorded shape, mapped into a weight whose first dimension may differ (vocabulary).
+
+    Returns (index into the recorded sample, flat index into the current weight) for positions that exist in both.
+    """
+    numel = math.prod(rec_shape)
+    pos = _positions(numel, count, salt)
+    if list(now_shape) == list(rec_shape):
+        return torch.arange(len(pos)), pos
+    inner = math.prod(rec_shape[1:])
+    rows = pos // inner
+    keep = rows < now_shape[0]
+    return torch.nonzero(keep).flatten(), pos[keep]
+
+
+def _gather(weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    w = weight.detach()
+    w = w.reshape(-1) if w.is_contiguous() else w.contiguous().reshape(-1)
+    return w[flat.to(w.device)].float().cpu()
+
+
+def signature(weight: torch.Tensor) -> dict:
+    """The signature of one weight: shape, RMS-normalised float16 sample (base64), RMS and median |w| in float32."""
+    shape = list(weight.shape)
+    numel = weight.numel()
+    sample = _gather(weight, _positions(numel, SAMPLE, 0))
+    stats = _gather(weight, _positions(numel, STATS_SAMPLE, 1))
+    rms = float(stats.square().mean().sqrt()) if stats.numel() else 0.0
+    scaled = (sample / rms) if rms > 0 else sample
+    packed = base64.b64encode(scaled.clamp(-60000, 60000).half().numpy().tobytes()).decode("ascii")
+    return {"shape": shape, "rms": rms, "med_abs": float(stats.abs().median()) if stats.numel() else 0.0, "sample": packed}
+
+
+def _unpack(sig: dict) -> torch.Tensor:
+    raw = base64.b64decode(sig["sample"])
+    values = torch.frombuffer(bytearray(raw), dtype=torch.float16).float()
+    return values * sig["rms"] if sig["rms"] > 0 else values
+
+
+# -- what is recorded ----------------------------------------------------------------------------------------------
+def _state(model: nn.Module):
+    from ..model import adapter_state
+
+    return adapter_state(model)
+
+
+def _plain_path(path: str) -> str:
+    return path.replace(".base_layer.", ".").replace(".base_layer", "")
+
+
+def _module_base_weight(module: nn.Module) -> torch.Tensor | None:
+    """The base weight of a (possibly wrapped, possibly merged) module, as it was before any merge."""
+    from ..methods.base import AdapterWrapper
+
+    if isinstance(module, AdapterWrapper):
+        if module.merged_names and module._unmerged_weight is not None:
+            return module._unmerged_weight
+        weight = getattr(module.base_layer, "weight", None)
+        if module.merged_names and weight is not None and hasattr(module, "delta_weight"):
+            # Merged without keeping the original: subtract the deltas again (rare; costs one delta per adapter).
+            try:
+                base = weight.detach().float()
+                for name in module.merged_names:
+                    base = base - module.delta_weight(name)
+                return base
+            except NotImplementedError:
+                return weight
+        return weight
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+def _plain_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules of the plain model by their plain path; a wrapper stands for the module it wraps."""
+    from ..methods.base import AdapterWrapper
+
+    out: dict[str, nn.Module] = {}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        out[prefix] = module
+        inner = module.base_layer if isinstance(module, AdapterWrapper) else module
+        for child_name, child in inner.named_children():
+            walk(child, f"{prefix}.{child_name}" if prefix else child_name)
+
+    walk(model, "")
+    return out
+
+
+def _base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Base parameters by plain path (adapter parameters left out, merged weights replaced by their originals)."""
+    state = _state(model)
+    adapter_ids: set[int] = set()
+    originals: dict[str, torch.Tensor] = {}
+    if state is not None:
+        for path, wrapper in state.wrappers.items():
+            for name in wrapper.adapter_names:
+                adapter_ids.update(id(p) for p in wrapper.adapter_parameters(name))
+            if wrapper.merged_names and wrapper._unmerged_weight is not None:
+                originals[f"{path}.weight"] = wrapper._unmerged_weight
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in adapter_ids or name.endswith("_unmerged_weight") or ".modules_to_save." in name:
+            continue
+        plain = _plain_path(name)
+        out[plain] = originals.get(plain, p)
+    return out
+
+
+def _ties(params: dict[str, torch.Tensor]) -> list[list[str]]:
+    groups: dict[int, list[str]] = {}
+    for path, p in params.items():
+        groups.setdefault(id(p), []).append(path)
+    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+
+
+def _config(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    out = {}
+    for key in STRUCTURAL_KEYS:
+        try:
+            value = getattr(config, key, None)
+        except Exception:  # some configs raise on unknown attribute aliases
+            value = None
+        if isinstance(value, (int, str, bool)):
+            out[key] = value
+    return out
+
+
+def _embeddings(model: nn.Module) -> dict:
+    out = {}
+    for key, getter in (("input", "get_input_embeddings"), ("output", "get_output_embeddings")):
+        try:
+            module = getattr(model, getter)() if hasattr(model, getter) else None
+        except (AttributeError, NotImplementedError):
+            module = None
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            out[key] = list(weight.shape)
+    return out
+
+
+def compute(model: nn.Module, modules: list[str] | None = None) -> dict:
+    """The fingerprint of `model`'s base. `modules`: plain paths to sign (default: every module an adapter wraps)."""
+    if modules is None:
+        state = _state(model)
+        modules = sorted(state.wrappers) if state is not None else []
+    config = getattr(model, "config", None)
+    revision = getattr(config, "_commit_hash", None) if config is not None else None
+    found = _plain_modules(model)
+    signed = {}
+    for path in modules:
+        module = found.get(path)
+        weight = _module_base_weight(module) if module is not None else None
+        if weight is None or not weight.dtype.is_floating_point:
+            signed[path] = {"shape": list(weight.shape) if weight is not None else None}
+            continue
+        signed[path] = signature(weight)
+    return {
+        "version": VERSION,
+        "class": type(model).__name__,
+        "config": _config(model),
+        "name_or_path": (getattr(config, "_name_or_path", None) or None) if config is not None else None,
+        "revision": revision,
+        "embeddings": _embeddings(model),
+        "ties": _ties(_base_parameters(model)),
+        "modules": signed,
+    }
+
+
+def to_metadata(fp: dict) -> dict[str, str]:
+    """safetensors metadata entries (values must be strings)."""
+    return {METADATA_KEY: json.dumps(fp, separators=(",", ":"), sort_keys=True)}
+
+
+def from_metadata(metadata: dict[str, str] | None) -> dict | None:
+    """The fingerprint stored in a file's metadata, or None when the file has none (PEFT-made) or it is unreadable."""
+    text = (metadata or {}).get(METADATA_KEY)
+    if not text:
+        return None
+    try:
+        fp = json.loads(text)
+    except ValueError:
+        return None
+    return fp if isinstance(fp, dict) and fp.get("version") == VERSION else None
+
+
+# -- comparison ----------------------------------------------------------------------------------------------------
+@dataclass
+class ModuleCheck:
+    path: str
+    status: str  # "identical" | "close" | "different" | "absent" | "shape" | "unsigned"
+    correlation: float | None = None
+    rel_diff: float | None = None  # ||now - recorded|| / ||recorded|| over the sampled entries
+    scale: float | None = None  # RMS now / RMS recorded
+    note: str = ""
+
+    def __str__(self) -> str:
+        nums = []
+        if self.correlation is not None:
+            nums.append(f"corr {self.correlation:.4f}")
+        if self.rel_diff is not None:
+            nums.append(f"rel diff {self.rel_diff:.4f}")
+        if self.scale is not None:
+            nums.append(f"scale {self.scale:.3f}")
+        extra = f" ({self.note})" if self.note else ""
+        return f"{self.path}: {self.status}{' [' + ', '.join(nums) + ']' if nums else ''}{extra}"
+
+
+@dataclass
+class BaseCheck:
+    verdict: str
+    modules: list[ModuleCheck] = field(default_factory=list)
+    structural: list[str] = field(default_factory=list)
+    weight_differences: list[str] = field(default_factory=list)  # ties and modules whose weights differ
+    notes: list[str] = field(default_factory=list)
+
+    def with_status(self, *statuses: str) -> list[ModuleCheck]:
+        return [m for m in self.modules if m.status in statuses]
+
+    def describe(self) -> str:
+        if self.verdict == DIFFERENT_MODEL:
+            return f"{DIFFERENT_MODEL} ({_listing(self.structural)})"
+        if self.verdict == DIFFERENT_WEIGHTS:
+            return f"{DIFFERENT_WEIGHTS} ({_listing(self.weight_differences)})"
+        if self.verdict == NOT_VERIFIED:
+            return f"{NOT_VERIFIED} ({_listing(self.notes) or 'no fingerprint in file'})"
+        return SAME
+
+    def __str__(self) -> str:
+        lines = [self.describe()]
+        lines += [f"  {m}" for m in self.modules]
+        lines += [f"  structure: {s}" for s in self.structural]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _listing(items: list[str], limit: int = 6) -> str:
+    shown = "; ".join(items[:limit])
+    return shown + (f"; and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def not_verified(reason: str = "no fingerprint in file") -> BaseCheck:
+    return BaseCheck(NOT_VERIFIED, notes=[reason])
+
+
+def compare(fp: dict | None, model: nn.Module, *, weights: bool = True) -> BaseCheck:
+    """Compare a recorded fingerprint with `model` (plain or with adapters attached). weights=False: structure only."""
+    if fp is None:
+        return not_verified()
+    result = BaseCheck(SAME)
+    now_config = _config(model)
+    for key, recorded in sorted(fp.get("config", {}).items()):
+        if key not in now_config or now_config[key] == recorded:
+            continue
+        text = f"config {key}: adapter's base {recorded!r}, this model {now_config[key]!r}"
+        (result.notes if key in _VOCAB_KEYS else result.structural).append(text)
+    if fp.get("class") and fp["class"] != type(model).__name__:
+        result.notes.append(f"model class: adapter's base {fp['class']}, this model {type(model).__name__}")
+
+    found = _plain_modules(model)
+    absent = []
+    for path, sig in sorted(fp.get("modules", {}).items()):
+        module = found.get(path)
+        weight = _module_base_weight(module) if module is not None else None
+        if module is None:
+            absent.append(path)
+            result.modules.append(ModuleCheck(path, "absent"))
+            continue
+        rec_shape = sig.get("shape")
+        now_shape = tuple(weight.shape) if weight is not None else None
+        if rec_shape is not None and now_shape is not None and list(now_shape) != list(rec_shape):
+            if not _vocab_rows_only(rec_shape, now_shape, fp, model):
+                result.modules.append(ModuleCheck(path, "shape", note=f"adapter's base {rec_shape}, this model {list(now_shape)}"))
+                result.structural.append(f"{path} has shape {list(now_shape)}, the adapter's base had {rec_shape}")
+                continue
+            result.notes.append(f"{path}: vocabulary rows differ (adapter's base {rec_shape[0]}, this model {now_shape[0]})")
+        if not weights:
+            continue
+        if "sample" not in sig or weight is None or not weight.dtype.is_floating_point:
+            result.modules.append(ModuleCheck(path, "unsigned", note="no float weight to compare"))
+            continue
+        result.modules.append(_compare_weight(path, sig, weight))
+    if absent:
+        result.structural.insert(0, f"modules absent from this model: {_listing(absent, 8)}" + _hint(absent, found))
+
+    if weights:
+        recorded_ties = {tuple(g) for g in fp.get("ties", [])}
+        now_ties = {tuple(g) for g in _ties(_base_parameters(model))}
+        for group in sorted(recorded_ties - now_ties):
+            result.weight_differences.append(f"tie {' = '.join(group)} of the adapter's base is absent here")
+        for group in sorted(now_ties - recorded_ties):
+            result.weight_differences.append(f"this model ties {' = '.join(group)}, the adapter's base did not")
+        differing = result.with_status("different")
+        if differing:
+            result.weight_differences.insert(
+                0, f"{len(differing)} of {len(fp.get('modules', {}))} modules differ: " + ", ".join(m.path for m in differing[:4])
+                + (" ..." if len(differing) > 4 else "")
+            )
+        close = result.with_status("close")
+        if close:
+            worst = max(m.rel_diff for m in close)
+            result.notes.append(
+                f"{len(close)} module(s) match within quantization tolerance (largest relative difference {worst:.3f}): "
+                "a quantized copy of the same base, or a very light fine-tune of it"
+            )
+    if result.structural:
+        result.verdict = DIFFERENT_MODEL
+    elif result.weight_differences:
+        result.verdict = DIFFERENT_WEIGHTS
+    elif weights and any(m.status == "unsigned" for m in result.modules) and not any(
+        m.status in ("identical", "close") for m in result.modules
+    ):
+        result.verdict = NOT_VERIFIED
+    return result
+
+
+def _vocab_rows_only(rec_shape: list[int], now_shape: tuple[int, ...], fp: dict, model: nn.Module) -> bool:
+    """A weight whose first dimension is the vocabulary (embedding or head rows) and only that differs."""
+    if len(rec_shape) != len(now_shape) or list(rec_shape[1:]) != list(now_shape[1:]):
+        return False
+    rec_vocab = {fp.get("config", {}).get("vocab_size")} | {s[0] for s in fp.get("embeddings", {}).values() if s}
+    now_vocab = {_config(model).get("vocab_size")} | {s[0] for s in _embeddings(model).values() if s}
+    return rec_shape[0] in rec_vocab and now_shape[0] in now_vocab
+
+
+def _hint(absent: list[str], found: dict[str, nn.Module]) -> str:
+    """Name what this model has where the absent modules were expected (e.g. a fused qkv_proj)."""
+    parents = {p.rpartition(".")[0] for p in absent}
+    there = sorted(
+        path for path in found if path.rpartition(".")[0] in parents and path not in absent and "." in path
+    )
+    if not there:
+        return ""
+    return f" (this model has there: {', '.join(there[:6])}{' ...' if len(there) > 6 else ''})"
+
+
+def _compare_weight(path: str, sig: dict, weight: torch.Tensor) -> ModuleCheck:
+    keep, flat = _flat_positions(sig["shape"], tuple(weight.shape), SAMPLE, 0)
+    recorded = _unpack(sig)[keep]
+    now = _gather(weight, flat)
+    stats = _gather(weight, _flat_positions(sig["shape"], tuple(weight.shape), STATS_SAMPLE, 1)[1])
+    rms_now = float(stats.square().mean().sqrt()) if stats.numel() else 0.0
+    scale = rms_now / sig["rms"] if sig["rms"] > 0 else (1.0 if rms_now == 0 else math.inf)
+    norm = float(recorded.norm())
+    diff = float((now - recorded).norm())
+    rel = diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
+    corr = _correlation(recorded, now)
+    if rel <= IDENTICAL_REL:
+        status = "identical"
+    elif corr >= SAME_CORR and SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
+        status = "close"
+    else:
+        status = "different"
+    return ModuleCheck(path, status, corr, rel, scale)
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a - a.mean()
+    b = b - b.mean()
+    denom = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denom if denom > 0 else 0.0
