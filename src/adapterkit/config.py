@@ -136,10 +136,7 @@ class LoraConfig:
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ConfigError("layers_pattern is only used together with layers_to_transform; set both or neither.")
         if self.trainable_token_indices is not None:
-            raise ConfigError(
-                "trainable_token_indices is not supported by this version of adapterkit; "
-                "use modules_to_save=['embed_tokens'] or LoRA on the embedding instead."
-            )
+            _check_token_indices(self.trainable_token_indices)
 
     # -- scaling ----------------------------------------------------------------------------------------------
     def rank_for(self, module_path: str) -> int:
@@ -226,6 +223,22 @@ class LoraConfig:
         new.unknown_keys = dict(self.unknown_keys)
         new.passthrough = dict(self.passthrough)
         return new
+
+
+def _check_token_indices(value: Any) -> None:
+    """`trainable_token_indices`: a list of row indices (the input embedding) or {module name: list of indices}."""
+    groups = value.items() if isinstance(value, dict) else [("", value)]
+    for key, indices in groups:
+        where = f"trainable_token_indices[{key!r}]" if key else "trainable_token_indices"
+        if not isinstance(key, str) or not isinstance(indices, (list, tuple)) or not indices:
+            raise ConfigError(
+                f"{where} must be a non-empty list of token ids (or a dict of module name -> list), got {indices!r}."
+            )
+        bad = [i for i in indices if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+        if bad:
+            raise ConfigError(f"{where} must hold non-negative integer token ids; got {bad[:5]!r}.")
+        if len(set(indices)) != len(indices):
+            raise ConfigError(f"{where} lists a token id twice; list each id once.")
 
 
 def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:

@@ -19,6 +19,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 DEFAULT_ADAPTER = "default"
+# Header metadata entry {alias file key: saved file key} for tensors shared by tied modules and written once.
+ALIASES_METADATA_KEY = "adapterkit.aliases"
 
 
 def adapter_dir(root: str | os.PathLike, name: str) -> Path:
@@ -38,6 +40,20 @@ def adapter_tensors(state: AdapterState, name: str) -> dict[str, nn.Parameter]:
         if name in wrapper.adapter_names:
             for suffix, tensor in wrapper.file_tensors(name).items():
                 out[file_key(path, suffix)] = tensor
+    return out
+
+
+def expand_aliases(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The file's tensors plus, for each recorded alias, the shared tensor under the alias key too."""
+    import json
+
+    text = metadata.get(ALIASES_METADATA_KEY)
+    if not text:
+        return tensors
+    out = dict(tensors)
+    for alias, source in json.loads(text).items():
+        if source in tensors and alias not in tensors:
+            out[alias] = tensors[source]
     return out
 
 

@@ -1,0 +1,129 @@
+"""Vocabulary and weight tying: adding tokens, resizing embeddings, and finding tied tensors by identity.
+
+Ties are found by tensor identity (two module attributes holding the same Parameter object), never by module names,
+so a model that ties `wte` to `lm_head`, `embed_tokens` to `lm_head`, or anything else is handled alike.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+# Key of the safetensors header metadata entry that records the embedding sizes an adapter was trained with.
+VOCAB_METADATA_KEY = "adapterkit.vocab"
+
+
+def find_ties(model: nn.Module) -> list[list[str]]:
+    """Groups of parameter paths that are one tensor (by identity), e.g. [["model.embed_tokens.weight",
+    "lm_head.weight"]]. Adapter wrappers are looked through, so a wrapped embedding reports its base path."""
+    from .targeting import base_of, iter_modules
+
+    by_id: dict[int, list[str]] = {}
+    for path, module in iter_modules(model):
+        inner = base_of(module)
+        for pname, param in inner._parameters.items():
+            if param is not None:
+                by_id.setdefault(id(param), []).append(f"{path}.{pname}" if path else pname)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _weight(module: nn.Module | None) -> torch.Tensor | None:
+    return None if module is None else getattr(module, "weight", None)
+
+
+def embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """(input embedding, output head) as the model reports them; None for a side the model does not have."""
+    pair = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        try:
+            pair.append(fn() if fn is not None else None)
+        except (AttributeError, NotImplementedError):
+            pair.append(None)
+    return pair[0], pair[1]
+
+
+def embedding_sizes(model: nn.Module) -> dict[str, Any]:
+    """{"input": [rows, dim], "output": [rows, dim], "tied": bool} for the model's embedding pair (sides it has).
+
+    Looks through adapter wrappers: the sizes are the base tables', which is what a loading base must match.
+    """
+    from .targeting import base_of
+
+    emb, head = embeddings(model)
+    out: dict[str, Any] = {}
+    w_in, w_out = _weight(base_of(emb) if emb is not None else None), _weight(base_of(head) if head is not None else None)
+    if w_in is not None:
+        out["input"] = list(w_in.shape)
+    if w_out is not None:
+        out["output"] = list(w_out.shape)
+    if w_in is not None and w_out is not None:
+        out["tied"] = w_in is w_out
+    return out
+
+
+def sizes_metadata(model: nn.Module) -> dict[str, str]:
+    """The header metadata entry (string values, as safetensors requires) recording `embedding_sizes`."""
+    sizes = embedding_sizes(model)
+    return {VOCAB_METADATA_KEY: json.dumps(sizes, sort_keys=True)} if sizes else {}
+
+
+def read_sizes(metadata: dict[str, str]) -> dict[str, Any] | None:
+    text = metadata.get(VOCAB_METADATA_KEY)
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def resize(model: nn.Module, rows: int) -> None:
+    """Resize the input embedding (and output head) to `rows` rows, keeping the model's tie as it was.
+
+    New rows start as the mean of the existing ones (deterministic); callers restore trained rows afterwards.
+    """
+    emb, head = embeddings(model)
+    tied_before = emb is not None and head is not None and _weight(emb) is _weight(head)
+    old_rows = _weight(emb).shape[0]
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    emb, head = embeddings(model)
+    if tied_before and _weight(emb) is not _weight(head):
+        head.weight = emb.weight  # transformers re-ties from the config flag; keep what the model had
+    if rows > old_rows:
+        with torch.no_grad():
+            for module in {id(m): m for m in (emb, head) if m is not None}.values():
+                w = module.weight
+                w[old_rows:] = w[:old_rows].float().mean(0).to(w.dtype)
+                bias = getattr(module, "bias", None)
+                if bias is not None and bias.shape[0] == rows:
+                    bias[old_rows:] = 0
+
+
+def add_tokens(model: nn.Module, tokenizer: Any, tokens: list[str], *, init: str = "mean", special: bool = False) -> list[int]:
+    """Add `tokens` to the tokenizer and grow the model's embeddings to match; returns the new tokens' ids.
+
+    init="mean": new rows start at the mean of the existing embedding rows (and output head rows, if untied);
+    init="random": left as transformers initialises them. Ties between the embedding and the head are kept.
+    Pass the returned ids as `trainable_token_indices` to train (and save) only those rows.
+    """
+    if init not in ("mean", "random"):
+        raise ConfigError(f"add_tokens init={init!r}; choose 'mean' or 'random'.")
+    from .model import adapter_state
+
+    if adapter_state(model) is not None:
+        raise ConfigError("add tokens before attaching adapters: the embedding is already wrapped by an adapter.")
+    tokenizer.add_tokens(list(tokens), special_tokens=special)
+    new_ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    emb, _ = embeddings(model)
+    rows = max(len(tokenizer), _weight(emb).shape[0])
+    if init == "mean":
+        resize(model, rows)
+    else:
+        model.resize_token_embeddings(rows)
+    return list(new_ids)
