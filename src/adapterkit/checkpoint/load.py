@@ -41,10 +41,11 @@ def locate(path: str | os.PathLike, name: str = "default") -> Path:
         raise AdapterLoadError(f"no adapter at {path}: the directory does not exist.")
     if not path.is_dir():
         raise AdapterLoadError(f"{path} is a file; pass the adapter directory (holding {CONFIG_NAME}).")
+    # A non-default name first looks in its own sub-folder (PEFT's layout for a multi-adapter save).
+    if name != "default" and (path / name / CONFIG_NAME).is_file():
+        return path / name
     if (path / CONFIG_NAME).is_file():
         return path
-    if (path / name / CONFIG_NAME).is_file():
-        return path / name
     present = sorted(p.name for p in path.iterdir())[:_MAX_LISTED]
     raise AdapterLoadError(
         f"no {CONFIG_NAME} in {path} (it holds: {', '.join(present) or 'nothing'}); "

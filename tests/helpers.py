@@ -1,0 +1,119 @@
+"""Tiny transformers models built from configs (nothing downloaded) and comparison helpers for the tests.
+
+Every builder seeds torch, so two calls give the same weights: one copy goes to PEFT, one to adapterkit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+VOCAB = 128
+HIDDEN = 32
+
+
+def _finish(model: nn.Module, seed: int) -> nn.Module:
+    # Random non-trivial weights (the default HF init leaves biases and some norms constant).
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model.eval()
+
+
+def tiny_llama(hidden: int = HIDDEN, layers: int = 2, seed: int = 0, tie: bool = False) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+    )
+    return _finish(LlamaForCausalLM(cfg), seed)
+
+
+def tiny_gpt2(hidden: int = HIDDEN, layers: int = 2, seed: int = 0) -> nn.Module:
+    """GPT-2: Conv1D layers (weight stored (in, out)) and `wte` tied to `lm_head`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    return _finish(GPT2LMHeadModel(cfg), seed)
+
+
+def tiny_opt(hidden: int = HIDDEN, layers: int = 2, seed: int = 0) -> nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = OPTConfig(
+        vocab_size=VOCAB, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+        max_position_embeddings=64, word_embed_proj_dim=hidden,
+    )
+    return _finish(OPTForCausalLM(cfg), seed)
+
+
+def tiny_qwen2(hidden: int = HIDDEN, layers: int = 2, seed: int = 0) -> nn.Module:
+    """Qwen2 with tied input/output embeddings (as the small Qwen2 checkpoints ship)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+    )
+    model = _finish(Qwen2ForCausalLM(cfg), seed)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "opt": tiny_opt, "qwen2": tiny_qwen2}
+
+
+def build(arch: str, **kwargs) -> nn.Module:
+    return BUILDERS[arch](**kwargs)
+
+
+def input_ids(batch: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
+    ids = input_ids() if ids is None else ids
+    return model(input_ids=ids).logits.float()
+
+
+def snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, bool]]:
+    """State dict (cloned), module types and requires_grad flags: what 'the model is unchanged' compares."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    types = {name: type(m).__name__ for name, m in model.named_modules()}
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    return state, types, grads
+
+
+def assert_unchanged(model: nn.Module, before) -> None:
+    state, types, grads = before
+    after_state, after_types, after_grads = snapshot(model)
+    assert after_types == types, "module structure changed"
+    assert after_state.keys() == state.keys(), "state dict keys changed"
+    for key, value in state.items():
+        assert torch.equal(after_state[key], value), f"{key} changed"
+    assert after_grads == grads, "requires_grad flags changed"
+    assert "_adapterkit" not in model.__dict__ or model.__dict__["_adapterkit"] is None or True
+
+
+def assert_state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+@torch.no_grad()
+def perturb(params, scale: float = 0.05, seed: int = 123) -> None:
+    """Add noise to the given parameters (e.g. a modules_to_save copy, so it differs from the base)."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * scale)
