@@ -143,6 +143,16 @@ def _match_vocabulary(model: nn.Module, folder: Path, metadata: dict, resize: bo
             f"model's has {now[0]}. Nothing was changed. Load with resize=True (the default) to resize the model, "
             f"or call model.resize_token_embeddings({recorded[0]}) first."
         )
+    state = adapter_state(model)
+    if state is not None:
+        pair = {id(m) for m in vocab.embeddings(model) if m is not None}
+        wrapped = sorted(path for path, w in state.wrappers.items() if id(w) in pair)
+        if wrapped:
+            raise AdapterLoadError(
+                f"adapter {folder} needs the embedding resized from {now[0]} to {recorded[0]} rows, but "
+                f"{', '.join(wrapped)} carries adapter(s) {sorted(state.configs)} already. Nothing was changed. "
+                "Load this adapter first, or resize the model (model.resize_token_embeddings) before attaching."
+            )
     try:
         vocab.resize(model, recorded[0])
     except (AttributeError, NotImplementedError, RuntimeError) as exc:
