@@ -22,7 +22,9 @@ class TrainableCopy(AdapterWrapper):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.modules_to_save = nn.ModuleDict()
-        self._current: nn.Module = base_layer  # hot path: the module forward runs
+        # Hot path: the module forward runs. Kept out of `_modules` (set through __dict__), so it is not a second
+        # registered child: no duplicate state-dict keys, no phantom tie between `_current` paths.
+        self.__dict__["_current"] = base_layer
 
     def add_adapter(self, name: str, memo: dict | None = None, dtype: torch.dtype | None = None) -> None:
         # One deepcopy memo across all copies made for one adapter keeps tensors that the originals share (tied
@@ -37,7 +39,7 @@ class TrainableCopy(AdapterWrapper):
     def _refresh(self) -> None:
         # A merged copy stays in use whatever is active, just as merged LoRA weights do.
         chosen = list(self.merged_names) or [n for n in self.active_names if n in self.modules_to_save]
-        self._current = self.modules_to_save[chosen[-1]] if chosen else self.base_layer
+        self.__dict__["_current"] = self.modules_to_save[chosen[-1]] if chosen else self.base_layer
 
     def forward(self, *args, **kwargs):
         return self._current(*args, **kwargs)
