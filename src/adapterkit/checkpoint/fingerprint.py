@@ -42,13 +42,15 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import numpy as np
 import torch
 from torch import nn
 
 METADATA_KEY = "adapterkit.base_fingerprint"
 VERSION = 1
 SAMPLE = 256  # entries kept per weight for the correlation test
-STATS_SAMPLE = 4096  # entries the RMS / median statistics are computed from
+STATS_SAMPLE = 4096  # entries the RMS statistic is computed from
+_RUNS = (4, 64)  # consecutive entries per sampled position: (correlation sample, statistics sample)
 
 IDENTICAL_REL = 0.01
 SAME_CORR = 0.9
@@ -95,49 +97,78 @@ def _mix(x: int) -> int:
 
 
 @lru_cache(maxsize=64)
-def _positions(numel: int, count: int, salt: int) -> torch.Tensor:
-    """`count` flat positions in [0, numel): all of them when the weight is small."""
+def _positions(numel: int, count: int, salt: int, run: int) -> np.ndarray:
+    """`count` flat positions in [0, numel), in runs of `run` consecutive entries starting at hashed offsets.
+
+    Runs, not single entries: the cost is cache misses, so 64 runs of 64 entries cost about what 64 entries do.
+    A small weight gives every entry, repeated to `count`.
+    """
     if numel <= count:
-        return torch.arange(numel)
-    return torch.tensor([_mix(i + salt * 1_000_003) % numel for i in range(count)], dtype=torch.int64)
+        return np.arange(count, dtype=np.int64) % numel
+    starts = np.array([_mix(i + salt * 1_000_003) % (numel - run + 1) for i in range(count // run)], dtype=np.int64)
+    return np.sort(starts)[:, None] + np.arange(run, dtype=np.int64)[None, :]
 
 
-def _flat_positions(rec_shape: list[int], now_shape: tuple[int, ...], count: int, salt: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _flat_positions(rec_shape: list[int], now_shape: tuple[int, ...], count: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
     """Positions chosen for the recorded shape, mapped into a weight whose first dimension may differ (vocabulary).
 
     Returns (index into the recorded sample, flat index into the current weight) for positions that exist in both.
     """
-    numel = math.prod(rec_shape)
-    pos = _positions(numel, count, salt)
+    pos = _positions(math.prod(rec_shape), count, salt, _RUNS[salt]).reshape(-1)
     if list(now_shape) == list(rec_shape):
-        return torch.arange(len(pos)), pos
-    inner = math.prod(rec_shape[1:])
-    rows = pos // inner
-    keep = rows < now_shape[0]
-    return torch.nonzero(keep).flatten(), pos[keep]
+        return np.arange(len(pos)), pos
+    keep = np.nonzero(pos // math.prod(rec_shape[1:]) < now_shape[0])[0]
+    return keep, pos[keep]
 
 
-def _gather(weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+@lru_cache(maxsize=64)
+def _both(numel: int) -> np.ndarray:
+    return np.concatenate([_positions(numel, SAMPLE, 0, _RUNS[0]).reshape(-1), _positions(numel, STATS_SAMPLE, 1, _RUNS[1]).reshape(-1)])
+
+
+def _gather(weight: torch.Tensor, flat: np.ndarray) -> np.ndarray:
+    """weight.flatten()[flat] as float32 numpy.
+
+    numpy on CPU on purpose: a few hundred tiny torch ops each pay thread-pool start-up, which on a busy machine
+    costs milliseconds apiece; numpy's `take` costs microseconds. bfloat16 is widened exactly from its bit pattern.
+    """
     w = weight.detach()
     w = w.reshape(-1) if w.is_contiguous() else w.contiguous().reshape(-1)
-    return w[flat.to(w.device)].float().cpu()
+    if w.device.type == "cpu" and w.dtype in (torch.float32, torch.float16, torch.float64):
+        return w.numpy().take(flat).astype(np.float32)
+    if w.device.type == "cpu" and w.dtype == torch.bfloat16:
+        bits = w.view(torch.int16).numpy().take(flat).astype(np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32)
+    return w.index_select(0, torch.from_numpy(flat).to(w.device)).float().cpu().numpy()
+
+
+def _measure(weights: list[torch.Tensor], positions: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batched over weights: (sampled entries (M, SAMPLE), RMS (M,), median |sample| (M,)), all float32."""
+    rows = np.stack([_gather(w, pos) for w, pos in zip(weights, positions)])  # (M, SAMPLE + STATS_SAMPLE)
+    sample, stats = rows[:, :SAMPLE], rows[:, SAMPLE:]
+    rms = np.sqrt(np.einsum("ij,ij->i", stats, stats, dtype=np.float64) / max(stats.shape[1], 1)).astype(np.float32)
+    return sample, rms, np.median(np.abs(sample), axis=1)
+
+
+def signatures(weights: list[torch.Tensor]) -> list[dict]:
+    """The signature of each weight: shape, RMS-normalised float16 sample (base64), RMS and median |w| (float32)."""
+    if not weights:
+        return []
+    sample, rms, med = _measure(weights, [_both(w.numel()) for w in weights])
+    scaled = np.where(rms[:, None] > 0, sample / np.maximum(rms, 1e-30)[:, None], sample)
+    packed = np.nan_to_num(scaled.astype(np.float16))  # (M, SAMPLE); overflow (never for real weights) -> fp16 max
+    return [
+        {"shape": list(w.shape), "rms": r, "med_abs": m, "sample": base64.b64encode(row.tobytes()).decode("ascii")}
+        for w, r, m, row in zip(weights, rms.tolist(), med.tolist(), packed)
+    ]
 
 
 def signature(weight: torch.Tensor) -> dict:
-    """The signature of one weight: shape, RMS-normalised float16 sample (base64), RMS and median |w| in float32."""
-    shape = list(weight.shape)
-    numel = weight.numel()
-    sample = _gather(weight, _positions(numel, SAMPLE, 0))
-    stats = _gather(weight, _positions(numel, STATS_SAMPLE, 1))
-    rms = float(stats.square().mean().sqrt()) if stats.numel() else 0.0
-    scaled = (sample / rms) if rms > 0 else sample
-    packed = base64.b64encode(scaled.clamp(-60000, 60000).half().numpy().tobytes()).decode("ascii")
-    return {"shape": shape, "rms": rms, "med_abs": float(stats.abs().median()) if stats.numel() else 0.0, "sample": packed}
+    return signatures([weight])[0]
 
 
-def _unpack(sig: dict) -> torch.Tensor:
-    raw = base64.b64decode(sig["sample"])
-    values = torch.frombuffer(bytearray(raw), dtype=torch.float16).float()
+def _unpack(sig: dict) -> np.ndarray:
+    values = np.frombuffer(base64.b64decode(sig["sample"]), dtype=np.float16).astype(np.float32)
     return values * sig["rms"] if sig["rms"] > 0 else values
 
 
@@ -193,17 +224,21 @@ def _plain_modules(model: nn.Module) -> dict[str, nn.Module]:
 def _base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Base parameters by plain path (adapter parameters left out, merged weights replaced by their originals)."""
     state = _state(model)
-    adapter_ids: set[int] = set()
-    originals: dict[str, torch.Tensor] = {}
-    if state is not None:
-        for path, wrapper in state.wrappers.items():
-            for name in wrapper.adapter_names:
-                adapter_ids.update(id(p) for p in wrapper.adapter_parameters(name))
-            if wrapper.merged_names and wrapper._unmerged_weight is not None:
-                originals[f"{path}.weight"] = wrapper._unmerged_weight
+    wrappers = state.wrappers if state is not None else {}
+    adapter_attrs = {"_unmerged_weight"}
+    for wrapper in wrappers.values():
+        adapter_attrs.update(wrapper.adapter_containers)
+    originals = {
+        f"{path}.weight": w._unmerged_weight
+        for path, w in wrappers.items()
+        if w.merged_names and w._unmerged_weight is not None
+    }
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in adapter_ids or name.endswith("_unmerged_weight") or ".modules_to_save." in name:
+        parts = name.split(".")
+        # An adapter parameter sits under `<wrapper path>.<adapter container>.`; names, not a walk over every
+        # adapter's parameters (that walk alone would cost more than the whole signature).
+        if any(part in adapter_attrs and ".".join(parts[:i]) in wrappers for i, part in enumerate(parts)):
             continue
         plain = _plain_path(name)
         out[plain] = originals.get(plain, p)
@@ -253,14 +288,15 @@ def compute(model: nn.Module, modules: list[str] | None = None) -> dict:
     config = getattr(model, "config", None)
     revision = getattr(config, "_commit_hash", None) if config is not None else None
     found = _plain_modules(model)
-    signed = {}
+    signed, to_sign = {}, {}
     for path in modules:
         module = found.get(path)
         weight = _module_base_weight(module) if module is not None else None
-        if weight is None or not weight.dtype.is_floating_point:
+        if weight is None or not weight.dtype.is_floating_point or weight.numel() == 0:
             signed[path] = {"shape": list(weight.shape) if weight is not None else None}
-            continue
-        signed[path] = signature(weight)
+        else:
+            to_sign[path] = weight
+    signed.update(zip(to_sign, signatures(list(to_sign.values()))))
     return {
         "version": VERSION,
         "class": type(model).__name__,
@@ -364,7 +400,8 @@ def compare(fp: dict | None, model: nn.Module, *, weights: bool = True) -> BaseC
         result.notes.append(f"model class: adapter's base {fp['class']}, this model {type(model).__name__}")
 
     found = _plain_modules(model)
-    absent = []
+    absent: list[str] = []
+    to_compare: list[tuple[str, dict, torch.Tensor]] = []
     for path, sig in sorted(fp.get("modules", {}).items()):
         module = found.get(path)
         weight = _module_base_weight(module) if module is not None else None
@@ -382,12 +419,20 @@ def compare(fp: dict | None, model: nn.Module, *, weights: bool = True) -> BaseC
             result.notes.append(f"{path}: vocabulary rows differ (adapter's base {rec_shape[0]}, this model {now_shape[0]})")
         if not weights:
             continue
-        if "sample" not in sig or weight is None or not weight.dtype.is_floating_point:
+        if "sample" not in sig or weight is None or not weight.dtype.is_floating_point or weight.numel() == 0:
             result.modules.append(ModuleCheck(path, "unsigned", note="no float weight to compare"))
             continue
-        result.modules.append(_compare_weight(path, sig, weight))
+        to_compare.append((path, sig, weight))
+    result.modules += _compare_weights(to_compare)
+    result.modules.sort(key=lambda m: m.path)
     if absent:
         result.structural.insert(0, f"modules absent from this model: {_listing(absent, 8)}" + _hint(absent, found))
+    if result.structural:
+        # Say which modules this model has beyond the adapter's base (e.g. more layers): same names, other paths.
+        leaves = {p.rpartition(".")[2] for p in fp.get("modules", {})}
+        extra = [p for p in found if p.rpartition(".")[2] in leaves and p not in fp.get("modules", {})]
+        if extra:
+            result.structural.append(f"modules of this model the adapter's base did not have: {_listing(extra, 8)}")
 
     if weights:
         recorded_ties = {tuple(g) for g in fp.get("ties", [])}
@@ -440,28 +485,47 @@ def _hint(absent: list[str], found: dict[str, nn.Module]) -> str:
     return f" (this model has there: {', '.join(there[:6])}{' ...' if len(there) > 6 else ''})"
 
 
-def _compare_weight(path: str, sig: dict, weight: torch.Tensor) -> ModuleCheck:
-    keep, flat = _flat_positions(sig["shape"], tuple(weight.shape), SAMPLE, 0)
-    recorded = _unpack(sig)[keep]
-    now = _gather(weight, flat)
-    stats = _gather(weight, _flat_positions(sig["shape"], tuple(weight.shape), STATS_SAMPLE, 1)[1])
-    rms_now = float(stats.square().mean().sqrt()) if stats.numel() else 0.0
-    scale = rms_now / sig["rms"] if sig["rms"] > 0 else (1.0 if rms_now == 0 else math.inf)
-    norm = float(recorded.norm())
-    diff = float((now - recorded).norm())
-    rel = diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
-    corr = _correlation(recorded, now)
-    if rel <= IDENTICAL_REL:
-        status = "identical"
-    elif corr >= SAME_CORR and SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
-        status = "close"
-    else:
-        status = "different"
-    return ModuleCheck(path, status, corr, rel, scale)
+def _compare_weights(items: list[tuple[str, dict, torch.Tensor]]) -> list[ModuleCheck]:
+    """Compare recorded signatures with current weights, batched; rows beyond a shorter vocabulary are left out."""
+    same = [i for i, (_, sig, w) in enumerate(items) if list(w.shape) == list(sig["shape"])]
+    out: dict[int, ModuleCheck] = {}
+    if same:
+        weights = [items[i][2] for i in same]
+        now, rms_now, _ = _measure(weights, [_both(w.numel()) for w in weights])
+        recorded = np.stack([_unpack(items[i][1]) for i in same])
+        rms_rec = np.array([items[i][1]["rms"] for i in same], dtype=np.float32)
+        out.update(zip(same, _verdicts([items[i][0] for i in same], recorded, now, rms_rec, rms_now)))
+    for i in sorted(set(range(len(items))) - set(same)):
+        path, sig, weight = items[i]
+        keep, flat = _flat_positions(sig["shape"], tuple(weight.shape), SAMPLE, 0)
+        stats = _gather(weight, _flat_positions(sig["shape"], tuple(weight.shape), STATS_SAMPLE, 1)[1])
+        rms_now = np.array([np.sqrt(np.mean(stats.astype(np.float64) ** 2)) if stats.size else 0.0], dtype=np.float32)
+        recorded = _unpack(sig)[keep][None]
+        out[i] = _verdicts([path], recorded, _gather(weight, flat)[None], np.array([sig["rms"]], np.float32), rms_now)[0]
+    return [out[i] for i in range(len(items))]
 
 
-def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
-    a = a - a.mean()
-    b = b - b.mean()
-    denom = float(a.norm() * b.norm())
-    return float((a * b).sum()) / denom if denom > 0 else 0.0
+def _ratio(num: np.ndarray, den: np.ndarray, if_both_zero: float) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.where(num == 0, if_both_zero, np.inf))
+
+
+def _verdicts(
+    paths: list[str], recorded: np.ndarray, now: np.ndarray, rms_rec: np.ndarray, rms_now: np.ndarray
+) -> list[ModuleCheck]:
+    """recorded, now: (M, K) sampled entries; rms_*: (M,). One ModuleCheck per row."""
+    rel = _ratio(np.linalg.norm(now - recorded, axis=1), np.linalg.norm(recorded, axis=1), 0.0)
+    scale = _ratio(rms_now, rms_rec, 1.0)
+    a = recorded - recorded.mean(1, keepdims=True)
+    b = now - now.mean(1, keepdims=True)
+    corr = np.nan_to_num(_ratio((a * b).sum(1), np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 0.0), posinf=0.0)
+    checks = []
+    for path, c, r, sc in zip(paths, corr.tolist(), rel.tolist(), scale.tolist()):
+        if r <= IDENTICAL_REL:
+            status = "identical"
+        elif c >= SAME_CORR and SCALE_RANGE[0] <= sc <= SCALE_RANGE[1]:
+            status = "close"
+        else:
+            status = "different"
+        checks.append(ModuleCheck(path, status, c, r, sc))
+    return checks
