@@ -151,3 +151,43 @@ def test_lora_on_tied_head_saves_no_base_tensor(arch, tmp_path):
     with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as fh:
         keys = list(fh.keys())
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+
+
+# -- the real model: file sizes (PEFT 0.21: 120.1 MB and 231 MB) ------------------------------------------------------
+def _smollm2(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    assert vocab.find_ties(model), "SmolLM2 ties embed_tokens and lm_head"
+    return model
+
+
+def _megabytes(folder) -> float:
+    return (folder / "adapter_model.safetensors").stat().st_size / 1e6
+
+
+@pytest.mark.slow
+def test_smollm2_lora_on_tied_head_file_is_small(smollm2_dir, tmp_path):
+    model = _smollm2(smollm2_dir)
+    ak.attach(model, ak.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj", "lm_head"]))
+    ak.save(model, tmp_path)
+    assert _megabytes(tmp_path) <= 7.0
+
+
+@pytest.mark.slow
+def test_smollm2_new_tokens_file_is_small_and_loads_on_the_original(smollm2_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    model, tok = _smollm2(smollm2_dir), AutoTokenizer.from_pretrained(smollm2_dir)
+    rows = model.get_input_embeddings().weight.shape[0]
+    new_ids = vocab.add_tokens(model, tok, [f"<extra_{i}>" for i in range(100)])
+    assert len(new_ids) == 100 and model.get_input_embeddings().weight.shape[0] == rows + 100
+    ak.attach(model, ak.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], trainable_token_indices=new_ids))
+    perturb([model.get_input_embeddings().trainable_tokens_delta["default"]], scale=0.05)
+    ids = torch.tensor([[1, 2, 3, new_ids[0], 4, new_ids[-1]]])
+    ref = logits(model, ids)
+    ak.save(model, tmp_path, tokenizer=tok)
+    assert _megabytes(tmp_path) <= 4.0
+    fresh = _smollm2(smollm2_dir)
+    assert ak.load(fresh, tmp_path).ok
+    assert (logits(fresh, ids) - ref).abs().max() <= TOL
