@@ -1,0 +1,88 @@
+"""Helpers the sub-commands share: the console, loading a base model for an adapter, greedy chat generation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console(highlight=False, soft_wrap=True)
+
+DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes; torch is imported lazily to keep --help fast
+
+
+class CliError(Exception):
+    """An error whose message is shown to the user as is."""
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise CliError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def model_spec_for_adapter(recorded: str | None, override: str | None) -> str | None:
+    """The base model to load for an adapter: `--model` if given, else what the adapter records.
+
+    The embedded default model is recorded under its upstream hub id; that id maps back to the embedded copy.
+    """
+    if override:
+        return override
+    if not recorded:
+        return None  # the embedded default
+    from ..models import EMBEDDED_MODELS
+
+    for name, entry in EMBEDDED_MODELS.items():
+        if recorded == entry.hub_id:
+            return name
+    return recorded
+
+
+def load_base(spec: str | None, dtype=None, *, quiet: bool = False):
+    """(model, tokenizer, resolved) for a model spec; announces the first-run GGUF conversion."""
+    from .. import models
+
+    name = (spec or models.DEFAULT_MODEL).lower()
+    if name in models.EMBEDDED_MODELS and not (models.cache_dir() / "models" / name / "config.json").is_file():
+        if not quiet:
+            console.print(f"[dim]converting the embedded {name} model to safetensors (first run only, ~30-60 s)...[/]")
+    model, tokenizer, resolved = models.load_model(spec, dtype or torch_dtype("float32"))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, resolved
+
+
+def adapter_folder(path: str | os.PathLike) -> Path:
+    from ..checkpoint.load import locate
+
+    return locate(path)
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
+    """Greedy reply to a user prompt, formatted with the tokenizer's chat template (as in training)."""
+    import torch
+
+    from ..data import encode_prompt
+
+    ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=model.device)  # (1, T)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"

@@ -1,0 +1,190 @@
+"""`adapterkit inspect`: what an adapter directory holds, read from disk alone (no base model is loaded).
+
+The per-module update size is ||s·B·A||_F = s·sqrt(trace((BᵀB)(AAᵀ))): two r×r products, never the d×d delta.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import console, human_size
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect_command)
+
+
+def delta_norm(a, b, scaling: float) -> float:
+    """Frobenius norm of scaling · B @ A for A (r, in) and B (out, r), without forming the (out, in) product."""
+    import torch
+
+    a, b = a.double(), b.double()
+    gram = (b.T @ b) @ (a @ a.T)  # (r, r)
+    return abs(scaling) * float(torch.trace(gram).clamp_min(0).sqrt())
+
+
+def delta_norms(cfg, tensors: dict) -> dict[str, float]:
+    """||ΔW||_F per adapted module path (LoRA linear and embedding pairs in the file)."""
+    from ..checkpoint.format import strip_prefix
+
+    pairs: dict[str, dict] = defaultdict(dict)
+    for key, value in tensors.items():
+        inner = strip_prefix(key) or key
+        for suffix, role in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),
+                             (".lora_embedding_B", "B")):
+            if inner.endswith(suffix):
+                pairs[inner[: -len(suffix)]][role] = value
+    norms = {}
+    for path, pair in sorted(pairs.items()):
+        if "A" in pair and "B" in pair:
+            norms[path] = delta_norm(pair["A"], pair["B"], cfg.scaling_for(path))
+    return norms
+
+
+def inspect_command(
+    adapter: Path = typer.Argument(..., metavar="DIR", help="Adapter directory."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a heatmap of ||ΔW|| per module type × layer."),
+    tensors_listed: bool = typer.Option(False, "--tensors", help="List every tensor of the file."),
+) -> None:
+    """Show an adapter's method, targets, rank, size, tensors, base fingerprint, vocabulary and ties."""
+    from ..checkpoint import read_adapter
+    from ..checkpoint.format import WEIGHTS_NAME
+
+    folder, cfg, tensors, metadata = read_adapter(adapter)
+    weights = folder / WEIGHTS_NAME
+    size = weights.stat().st_size if weights.is_file() else 0
+    params = sum(t.numel() for t in tensors.values())
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+    targets = cfg.target_modules
+    modules = sorted({_module_of(k) for k in tensors})
+    types = sorted({m.rsplit(".", 1)[-1] for m in modules})
+
+    rows = [
+        ("adapter", str(folder)),
+        ("method", f"{cfg.peft_type} (r={cfg.r}, alpha={cfg.lora_alpha:g}, scale={cfg.scaling_for(''):g}"
+                   f"{', rsLoRA' if cfg.use_rslora else ''}, dropout={cfg.lora_dropout:g})"),
+        ("base model", str(cfg.base_model_name_or_path)),
+        ("targets", _targets_text(targets)),
+        ("adapted modules", f"{len(modules)} ({', '.join(types)})"),
+        ("trainable params", f"{params:,} in {len(tensors)} tensors ({', '.join(dtypes)})"),
+        ("file size", f"{human_size(size)} ({size:,} bytes)"),
+    ]
+    if cfg.rank_pattern or cfg.alpha_pattern:
+        rows.append(("patterns", f"rank {cfg.rank_pattern or '{}'}, alpha {cfg.alpha_pattern or '{}'}"))
+    if cfg.modules_to_save:
+        rows.append(("modules_to_save", ", ".join(cfg.modules_to_save)))
+    if cfg.trainable_token_indices:
+        rows.append(("trainable tokens", _short(cfg.trainable_token_indices)))
+    rows += _fingerprint_rows(metadata)
+    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        rows.append(("tokenizer", "saved beside the adapter (vocabulary was changed)"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        console.print(f"{key:<{width}}  {value}")
+
+    norms = delta_norms(cfg, tensors)
+    if norms:
+        total = sum(v * v for v in norms.values()) ** 0.5
+        top = sorted(norms.items(), key=lambda kv: -kv[1])[:3]
+        console.print(f"{'||ΔW|| total':<{width}}  {total:.4g} (largest: "
+                      + ", ".join(f"{p} {v:.3g}" for p, v in top) + ")")
+    if tensors_listed:
+        console.print("tensors:")
+        for key in sorted(tensors):
+            t = tensors[key]
+            console.print(f"  {key}  {'x'.join(map(str, t.shape))}  {str(t.dtype).replace('torch.', '')}")
+    if plot is not None:
+        if not norms:
+            console.print("no LoRA pairs to plot")
+        else:
+            plot_heatmap(norms, plot, title=f"||ΔW||_F per module: {folder.name}")
+            console.print(f"{'plot':<{width}}  {plot}")
+
+
+def _module_of(key: str) -> str:
+    from ..checkpoint.format import strip_prefix
+
+    inner = strip_prefix(key) or key
+    for marker in (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".trainable_tokens"):
+        if marker in inner:
+            return inner.split(marker)[0]
+    return inner.rpartition(".")[0]
+
+
+def _targets_text(targets) -> str:
+    if isinstance(targets, str):
+        return f"regex {targets!r}"
+    targets = list(targets or [])
+    if len(targets) > 8:
+        leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
+        return f"{len(targets)} names ({', '.join(leaves)})"
+    return ", ".join(targets) or "none"
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+def _fingerprint_rows(metadata: dict) -> list[tuple[str, str]]:
+    try:
+        from ..checkpoint.fingerprint import from_metadata
+    except ImportError:
+        return [("base fingerprint", "not readable by this installation")]
+    fp = from_metadata(metadata)
+    if fp is None:
+        return [("base fingerprint", "none (a PEFT-made adapter, or saved without one)")]
+    config = fp.get("config", {})
+    structure = ", ".join(f"{k}={config[k]}" for k in ("model_type", "num_hidden_layers", "hidden_size")
+                          if k in config)
+    rows = [("base fingerprint", f"{fp.get('class', '?')} ({structure}); {len(fp.get('modules', {}))} module "
+                                 "weight signatures")]
+    if fp.get("name_or_path"):
+        rows.append(("base recorded as", str(fp["name_or_path"])))
+    emb = fp.get("embeddings") or {}
+    vocab = config.get("vocab_size")
+    if vocab is not None or emb:
+        rows.append(("vocab", f"{vocab}" + (f" (embeddings {_short(emb)})" if emb else "")))
+    ties = fp.get("ties") or []
+    rows.append(("ties", "; ".join(" = ".join(g) for g in ties) if ties else "none"))
+    return rows
+
+
+def plot_heatmap(norms: dict[str, float], path: Path, title: str = "") -> None:
+    """Heatmap of ||ΔW|| with module types (q_proj, ...) as rows and layer indices as columns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid: dict[str, dict[int, float]] = defaultdict(dict)
+    for module_path, value in norms.items():
+        match = _LAYER.search(f".{module_path}.")
+        layer = int(match.group(1)) if match else -1
+        grid[module_path.rsplit(".", 1)[-1]][layer] = value
+    kinds = sorted(grid)
+    layers = sorted({layer for row in grid.values() for layer in row})
+    data = np.full((len(kinds), len(layers)), np.nan)
+    for i, kind in enumerate(kinds):
+        for j, layer in enumerate(layers):
+            data[i, j] = grid[kind].get(layer, np.nan)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * len(layers) + 2), 0.45 * len(kinds) + 1.5), dpi=100)
+    image = ax.imshow(data, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(kinds)), kinds)
+    ax.set_xticks(range(len(layers)), ["-" if layer < 0 else str(layer) for layer in layers], fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="||ΔW||_F")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

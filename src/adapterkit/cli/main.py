@@ -1,0 +1,117 @@
+"""The `adapterkit` command: a typer app with one sub-command per file (train, generate, inspect, verify, merge).
+
+`main()` turns every expected failure (bad input, missing file, unknown model, adapter/base mismatch) into one
+`error: ...` line and a non-zero exit; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import typer
+
+app = typer.Typer(
+    name="adapterkit",
+    help="LoRA fine-tuning of transformers models, in the PEFT file format.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Set by the --debug option (a global flag so that it is accepted before or after the sub-command).
+DEBUG = {"on": False}
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks instead of one-line errors."),
+) -> None:
+    if debug:
+        DEBUG["on"] = True
+
+
+def _register() -> None:
+    from . import generate, inspect, merge, train, verify
+
+    for module in (train, generate, inspect, verify, merge):
+        module.register(app)
+
+
+_register()
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from ..data import DataError
+    from .common import CliError
+    from ..errors import AdapterError
+    from ..models import ModelNotFoundError
+
+    return (CliError, AdapterError, DataError, ModelNotFoundError, FileNotFoundError, NotADirectoryError,
+            IsADirectoryError, PermissionError, ValueError, OSError)
+
+
+def _quiet_libraries() -> None:
+    # transformers' progress bars and advisory warnings drown the command's own output.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", module="transformers")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        text = f"no such file or directory: {exc.filename}"
+    return " ".join(text.split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `adapterkit` script. Returns (and exits with) the command's exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    _quiet_libraries()
+    try:
+        # standalone_mode=False: click returns the exit code of typer.Exit instead of calling sys.exit.
+        result = app(args=args, prog_name="adapterkit", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except SystemExit as exc:  # typer.Exit inside commands
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        code = 130
+    except Exception as exc:  # noqa: BLE001 - the top level decides what a user sees
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            code = exc.exit_code
+        elif isinstance(exc, click.ClickException):
+            exc.show()
+            code = exc.exit_code
+        elif isinstance(exc, click.exceptions.Abort):
+            print("error: aborted", file=sys.stderr)
+            code = 1
+        elif debug:
+            raise
+        elif isinstance(exc, _expected_errors()):
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            code = 1
+        else:
+            print(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
+                  file=sys.stderr)
+            code = 1
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""`adapterkit train`: fine-tune a LoRA adapter on a JSONL/text file and write it with a loss plot and a JSON log."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import CliError, console, human_size, load_base
+
+# Defaults tuned on the shipped dataset and SmolLM2-135M on 2 CPU cores: all linear layers at r=16 learn the facts
+# in ~100 steps of 8 examples (about two minutes); attention-only targets need about twice the steps.
+DEFAULT_TARGETS = "all-linear"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_command)
+
+
+def train_command(
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the adapter to."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: embedded name, directory, .gguf file "
+                                        "or cached hub id (default: the embedded SmolLM2-135M-Instruct)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="JSONL (chat / prompt-completion / text records) "
+                                        "or .txt file (default: the shipped Zephyrine Q7 dataset)."),
+    method: str = typer.Option("lora", "--method", help="Adapter method (only 'lora' so far)."),
+    r: int = typer.Option(16, "--r", help="LoRA rank."),
+    alpha: float = typer.Option(32, "--alpha", help="LoRA alpha (scale = alpha / r)."),
+    targets: Optional[list[str]] = typer.Option(None, "--targets", help="Modules to adapt: names or suffixes "
+                                                "(repeat or comma-separate), or 'all-linear' (default)."),
+    dropout: float = typer.Option(0.0, "--dropout", help="LoRA dropout."),
+    max_steps: int = typer.Option(100, "--max-steps", help="Optimizer steps."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (warm-up then cosine decay)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Examples per forward/backward pass."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Passes accumulated per optimizer step."),
+    max_length: int = typer.Option(128, "--max-length", help="Truncate examples to this many tokens."),
+    eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Held-out share of the data for eval loss."),
+    seed: int = typer.Option(0, "--seed", help="Seed for adapter init, data split and order."),
+    add_tokens: Optional[list[str]] = typer.Option(None, "--add-tokens", help="New tokens to add to the vocabulary "
+                                                   "(repeat or comma-separate)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
+) -> None:
+    """Fine-tune a LoRA adapter; writes the adapter, loss.png and training.json to --out. Ctrl-C saves the last step."""
+    import torch
+
+    import adapterkit as ak
+
+    from .. import data as D
+    from ..train import TrainConfig, seed_everything, train
+
+    if method.lower() != "lora":
+        raise CliError(f"unknown --method {method!r}; adapterkit implements 'lora' so far")
+    for name, value in (("--max-steps", max_steps), ("--batch-size", batch_size), ("--grad-accum", grad_accum),
+                        ("--r", r), ("--max-length", max_length)):
+        if value < 1:
+            raise CliError(f"{name} must be at least 1, got {value}")
+    if threads:
+        torch.set_num_threads(threads)
+
+    data_path = data if data is not None else D.default_dataset_path()
+    records = D.load_records(data_path)  # checked before the (slower) model load
+    t0 = time.perf_counter()
+    base, tokenizer, resolved = load_base(model)
+    console.print(f"model  {resolved.name_or_path} ({sum(p.numel() for p in base.parameters()) / 1e6:.0f}M "
+                  f"parameters, loaded in {time.perf_counter() - t0:.1f} s)")
+
+    new_tokens = _split(add_tokens)
+    if new_tokens:
+        _add_tokens(base, tokenizer, new_tokens)
+
+    seed_everything(seed)
+    target_list = _split(targets) or [DEFAULT_TARGETS]
+    target_spec = target_list[0] if target_list == [DEFAULT_TARGETS] else target_list
+    cfg = ak.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_spec,
+                        task_type="CAUSAL_LM")
+    ak.attach(base, cfg)
+    trainable, total = ak.count_parameters(base)
+    resolved_targets = ak.adapters(base)["default"].target_modules
+
+    examples = D.tokenize_records(records, tokenizer, max_length=max_length)
+    if not examples:
+        raise CliError(f"{data_path}: no record has a trainable token within --max-length {max_length}")
+    train_set, eval_set = D.split_train_eval(examples, eval_fraction, seed=seed)
+    console.print(f"data   {data_path} ({len(records)} records: {len(train_set)} train, {len(eval_set)} held out)")
+    console.print(f"lora   r={r} alpha={alpha:g} on {_describe(resolved_targets)}: {trainable:,} trainable of "
+                  f"{total:,} parameters ({100 * trainable / total:.2f}%)")
+
+    tcfg = TrainConfig(max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
+                       warmup_steps=min(10, max(max_steps // 10, 1)))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    result = _train_with_progress(base, train_set, eval_set, tcfg, pad_id, train)
+
+    saved = ak.save(base, out)
+    if new_tokens:
+        tokenizer.save_pretrained(saved)
+    log = {
+        "model": resolved.name_or_path,
+        "data": str(data_path),
+        "config": {"method": "lora", "r": r, "alpha": alpha, "dropout": dropout, "targets": resolved_targets,
+                   "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
+                   "max_length": max_length, "eval_fraction": eval_fraction, "seed": seed,
+                   "add_tokens": new_tokens},
+        "trainable_parameters": trainable,
+        "train_examples": len(train_set),
+        "eval_examples": len(eval_set),
+        **result.to_dict(),
+    }
+    (saved / "training.json").write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
+    _plot_loss(result, saved / "loss.png")
+
+    size = (saved / "adapter_model.safetensors").stat().st_size
+    if result.interrupted:
+        console.print(f"[yellow]interrupted[/]: saved the adapter of the last completed step "
+                      f"({result.completed_steps} of {max_steps})")
+    before = "n/a" if result.eval_before is None else f"{result.eval_before:.3f}"
+    after = "n/a" if result.eval_after is None else f"{result.eval_after:.3f}"
+    console.print(f"eval loss {before} -> {after}; {result.completed_steps} steps in {result.seconds:.1f} s")
+    console.print(f"saved  {saved}/ (adapter_model.safetensors {human_size(size)}, loss.png, training.json)")
+
+
+def _split(values: Optional[list[str]]) -> list[str]:
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+
+
+def _describe(targets) -> str:
+    if isinstance(targets, str):
+        return targets
+    names = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    return ", ".join(names)
+
+
+def _add_tokens(model, tokenizer, tokens: list[str]) -> None:
+    try:
+        from ..vocab import add_tokens
+    except ImportError:
+        raise CliError("--add-tokens needs adapterkit.vocab.add_tokens, which this installation does not have") from None
+    add_tokens(model, tokenizer, tokens)
+    console.print(f"vocab  added {len(tokens)} token(s): {', '.join(tokens)} (vocabulary now {len(tokenizer)})")
+
+
+def _train_with_progress(model, train_set, eval_set, tcfg, pad_id, train):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    columns = (
+        TextColumn("train"),
+        BarColumn(bar_width=30),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[speed]} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("train", total=tcfg.max_steps, loss="-", speed="-")
+        seen = {"tokens": 0}
+
+        def on_step(log) -> None:
+            seen["tokens"] += log.tokens
+            speed = seen["tokens"] / max(log.seconds, 1e-9)
+            progress.update(task, completed=log.step, loss=f"{log.loss:.3f}", speed=f"{speed:,.0f}")
+
+        result = train(model, train_set, eval_set, tcfg, pad_id=pad_id, on_step=on_step)
+    return result
+
+
+def _plot_loss(result, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = [s.step for s in result.steps]
+    ax.plot(steps, [s.loss for s in result.steps], label="train loss", lw=1.2)
+    last = steps[-1] if steps else 1
+    if result.eval_before is not None:
+        ax.scatter([0], [result.eval_before], color="C1", zorder=3, label="eval loss")
+    if result.eval_after is not None:
+        ax.scatter([last], [result.eval_after], color="C1", zorder=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("adapterkit train" + (" (interrupted)" if result.interrupted else ""))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

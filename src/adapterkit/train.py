@@ -1,0 +1,170 @@
+"""The training loop behind `adapterkit train`: AdamW on the adapter parameters, gradient accumulation, eval loss.
+
+UI-free and reusable from Python: progress goes to an optional callback; Ctrl-C stops after the last completed
+optimizer step and returns normally with `interrupted=True`, so the caller can still save a usable adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE_INDEX, batches
+from .model import trainable_parameters
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100  # optimizer steps (each one is batch_size * grad_accum examples)
+    lr: float = 1e-3  # peak learning rate of the adapter parameters
+    batch_size: int = 8  # examples per forward/backward
+    grad_accum: int = 1  # forward/backward passes per optimizer step
+    warmup_steps: int = 10  # linear warm-up, then cosine decay to 10% of lr
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # clip the adapter gradients' global norm (0 disables)
+    seed: int = 0  # adapter init, data order
+
+
+@dataclass
+class StepLog:
+    step: int
+    loss: float  # mean token loss of this optimizer step
+    lr: float
+    tokens: int  # labelled tokens in this step
+    seconds: float  # wall time since training started
+
+
+@dataclass
+class TrainResult:
+    steps: list[StepLog] = field(default_factory=list)
+    eval_before: float | None = None
+    eval_after: float | None = None
+    seconds: float = 0.0
+    tokens_seen: int = 0  # all input tokens (padding excluded) of completed steps
+    interrupted: bool = False
+
+    @property
+    def completed_steps(self) -> int:
+        return len(self.steps)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["completed_steps"] = self.completed_steps
+        return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over labelled tokens, and their count (so accumulation weights tokens, not batches)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    shifted = logits[:, :-1].float()  # position t predicts token t+1
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: Sequence[dict], pad_id: int, batch_size: int = 16) -> float | None:
+    """Mean token loss over `examples` (None when there are none). The model's train/eval mode is restored."""
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches(examples, batch_size, pad_id, seed=None):
+            loss, n = _token_loss_sum(model, batch)
+            total, count = total + float(loss), count + n
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine down to 10% of the peak at `max_steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _micro_batches(examples: Sequence[dict], batch_size: int, pad_id: int, seed: int):
+    """Endless stream of training batches: a fresh shuffle every epoch."""
+    epoch = 0
+    while True:
+        yield from batches(examples, batch_size, pad_id, seed=seed + epoch)
+        epoch += 1
+
+
+def train(
+    model: nn.Module,
+    train_examples: Sequence[dict],
+    eval_examples: Sequence[dict] = (),
+    cfg: TrainConfig | None = None,
+    *,
+    pad_id: int = 0,
+    on_step: Callable[[StepLog], None] | None = None,
+) -> TrainResult:
+    """Train the model's trainable (adapter) parameters on tokenized examples ({"input_ids", "labels"} lists).
+
+    Evaluates the mean token loss on `eval_examples` before and after. A KeyboardInterrupt stops training: the
+    gradients of the unfinished step are dropped, the weights are those of the last completed step, and the result
+    says `interrupted=True` (evaluation after is skipped).
+    """
+    cfg = cfg or TrainConfig()
+    if not train_examples:
+        raise ValueError("no training examples")
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters; attach an adapter first")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    result = TrainResult()
+    result.eval_before = evaluate(model, eval_examples, pad_id, cfg.batch_size)
+
+    stream = _micro_batches(train_examples, cfg.batch_size, pad_id, cfg.seed)
+    model.train()
+    start = time.perf_counter()
+    try:
+        for step in range(cfg.max_steps):
+            lr = _lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            group_batches = [next(stream) for _ in range(cfg.grad_accum)]
+            labelled = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group_batches)
+            loss_total = 0.0
+            for batch in group_batches:
+                loss, _ = _token_loss_sum(model, batch)
+                (loss / max(labelled, 1)).backward()
+                loss_total += float(loss)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.tokens_seen += sum(int(b["attention_mask"].sum()) for b in group_batches)
+            log = StepLog(step + 1, loss_total / max(labelled, 1), lr, labelled, time.perf_counter() - start)
+            result.steps.append(log)
+            if on_step is not None:
+                on_step(log)
+    except KeyboardInterrupt:
+        # optimizer.step either ran fully or not at all for the step in flight; drop its partial gradients.
+        optimizer.zero_grad(set_to_none=True)
+        result.interrupted = True
+    finally:
+        model.eval()
+        result.seconds = time.perf_counter() - start
+    if not result.interrupted:
+        result.eval_after = evaluate(model, eval_examples, pad_id, cfg.batch_size)
+    return result
