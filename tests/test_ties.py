@@ -119,3 +119,20 @@ def test_tied_modules_to_save_copies_stay_tied_and_are_saved_once(tmp_path):
     report = ak.load(fresh, tmp_path)
     assert report.ok
     assert fresh.model.embed_tokens.modules_to_save["default"].weight is fresh.lm_head.modules_to_save["default"].weight
+
+
+def test_peft_compatible_save_writes_every_key_for_peft(tmp_path):
+    """The default file (shared tensor once) makes PEFT 0.21 raise KeyError; peft_compatible=True loads in PEFT."""
+    from peft import PeftModel
+
+    model = _trained("qwen2", "mts_both")
+    ref = logits(model)
+    ak.save(model, tmp_path / "once")
+    with pytest.raises(KeyError):
+        PeftModel.from_pretrained(_tied("qwen2"), str(tmp_path / "once"))
+    ak.save(model, tmp_path / "peft", peft_compatible=True)
+    peft_model = PeftModel.from_pretrained(_tied("qwen2"), str(tmp_path / "peft")).eval()
+    assert (logits(peft_model) - ref).abs().max() <= TOL
+    fresh = _tied("qwen2")
+    assert ak.load(fresh, tmp_path / "peft").ok
+    assert (logits(fresh) - ref).abs().max() <= TOL

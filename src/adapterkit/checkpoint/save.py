@@ -19,14 +19,20 @@ from .io import atomic_directory
 
 
 def save(
-    model: nn.Module, directory: str | os.PathLike, *, names: list[str] | None = None, tokenizer: Any = None
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    names: list[str] | None = None,
+    tokenizer: Any = None,
+    peft_compatible: bool = False,
 ) -> Path:
     """Save adapters (default: all) to `directory`: "default" at the top level, other names in sub-folders.
 
     Files already in `directory` that the save does not rewrite (a tokenizer, trainer state) are kept.
     `tokenizer`: saved beside the adapter (top level), e.g. after `vocab.add_tokens` changed its vocabulary.
     A tensor shared by several adapter modules (tied modules_to_save copies) is written once; the other keys are
-    recorded as aliases in the header metadata and `load` restores the sharing.
+    recorded as aliases in the header metadata and `load` restores the sharing. PEFT (0.21) needs every key and
+    raises KeyError on such a file: `peft_compatible=True` writes the shared tensor under each key instead.
     """
     from safetensors.torch import save_file
 
@@ -42,7 +48,7 @@ def save(
         first_key: dict[int, str] = {}  # id(live tensor) -> the file key it is saved under
         aliases: dict[str, str] = {}
         for key, tensor in adapter_tensors(state, name).items():
-            if id(tensor) in first_key:
+            if id(tensor) in first_key and not peft_compatible:
                 aliases[key] = first_key[id(tensor)]
                 continue
             first_key[id(tensor)] = key
