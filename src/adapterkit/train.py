@@ -30,6 +30,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # clip the adapter gradients' global norm (0 disables)
     seed: int = 0  # adapter init, data order
+    max_seconds: float | None = None  # wall-time budget: stop after the step that crosses it; the schedule follows
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainResult:
     seconds: float = 0.0
     tokens_seen: int = 0  # all input tokens (padding excluded) of completed steps
     interrupted: bool = False
+    stopped_by_time: bool = False  # the max_seconds budget ended training before max_steps
 
     @property
     def completed_steps(self) -> int:
@@ -65,14 +67,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder returning hidden states, output head) of a transformers causal LM, or None for other models."""
+    prefix = getattr(model, "base_model_prefix", None)
+    decoder = getattr(model, prefix, None) if prefix else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    # Models that scale or soft-cap logits after the head are left to their own forward.
+    if decoder is None or head is None or decoder is model or getattr(config, "final_logit_softcapping", None) \
+            or getattr(config, "logit_scale", None) or type(model).__name__.endswith("ForConditionalGeneration"):
+        return None
+    return decoder, head
+
+
 def _token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over labelled tokens, and their count (so accumulation weights tokens, not batches)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    shifted = logits[:, :-1].float()  # position t predicts token t+1
-    targets = batch["labels"][:, 1:]  # (B, T-1)
-    loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    return loss, int((targets != IGNORE_INDEX).sum())
+    """Summed cross-entropy over labelled tokens, and their count (so accumulation weights tokens, not batches).
+
+    The output head runs only at positions that predict a labelled token: on a chat dataset that is a third of the
+    positions, and the head (vocab x hidden) is a fifth of a small model's compute.
+    """
+    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    keep = targets != IGNORE_INDEX  # (B, T-1)
+    parts = _split_head(model)
+    if parts is not None:
+        decoder, head = parts
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]  # (B, T, H)
+        logits = head(hidden[:, :-1][keep]).float()  # (N, V)
+        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        shifted = logits[:, :-1].float()
+        loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int(keep.sum())
 
 
 @torch.no_grad()
@@ -92,12 +119,15 @@ def evaluate(model: nn.Module, examples: Sequence[dict], pad_id: int, batch_size
     return total / max(count, 1)
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over `warmup_steps`, then cosine down to 10% of the peak at `max_steps`."""
+def _lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine down to 10% of the peak at `max_steps` (or at `max_seconds`,
+    whichever comes first: with a time budget the schedule follows the clock)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     span = max(cfg.max_steps - cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / span, 1.0)
+    if cfg.max_seconds:
+        progress = max(progress, min(elapsed / cfg.max_seconds, 1.0))
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -120,6 +150,8 @@ def train(
 ) -> TrainResult:
     """Train the model's trainable (adapter) parameters on tokenized examples ({"input_ids", "labels"} lists).
 
+    Runs `cfg.max_steps` optimizer steps, or fewer when `cfg.max_seconds` of wall time run out first.
+
     Evaluates the mean token loss on `eval_examples` before and after. A KeyboardInterrupt stops training: the
     gradients of the unfinished step are dropped, the weights are those of the last completed step, and the result
     says `interrupted=True` (evaluation after is skipped).
@@ -139,7 +171,11 @@ def train(
     start = time.perf_counter()
     try:
         for step in range(cfg.max_steps):
-            lr = _lr_at(step, cfg)
+            elapsed = time.perf_counter() - start
+            if cfg.max_seconds is not None and step > 0 and elapsed >= cfg.max_seconds:
+                result.stopped_by_time = True
+                break
+            lr = _lr_at(step, cfg, elapsed)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             group_batches = [next(stream) for _ in range(cfg.grad_accum)]
@@ -148,7 +184,7 @@ def train(
             for batch in group_batches:
                 loss, _ = _token_loss_sum(model, batch)
                 (loss / max(labelled, 1)).backward()
-                loss_total += float(loss)
+                loss_total += float(loss.detach())
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()

@@ -32,7 +32,11 @@ def train_command(
     targets: Optional[list[str]] = typer.Option(None, "--targets", help="Modules to adapt: names or suffixes "
                                                 "(repeat or comma-separate), or 'all-linear' (default)."),
     dropout: float = typer.Option(0.0, "--dropout", help="LoRA dropout."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Adapt only these layer indices, e.g. '15-29' or "
+                                         "'0,4,8' (upper layers only also skip the lower layers' backward pass)."),
     max_steps: int = typer.Option(100, "--max-steps", help="Optimizer steps."),
+    max_time: Optional[float] = typer.Option(None, "--max-time", help="Wall-time budget in seconds: training stops "
+                                             "(and the learning-rate schedule ends) when it is spent."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (warm-up then cosine decay)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Examples per forward/backward pass."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Passes accumulated per optimizer step."),
@@ -75,7 +79,7 @@ def train_command(
     target_list = _split(targets) or [DEFAULT_TARGETS]
     target_spec = target_list[0] if target_list == [DEFAULT_TARGETS] else target_list
     cfg = ak.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_spec,
-                        task_type="CAUSAL_LM")
+                        layers_to_transform=_layer_list(layers), task_type="CAUSAL_LM")
     ak.attach(base, cfg)
     trainable, total = ak.count_parameters(base)
     resolved_targets = ak.adapters(base)["default"].target_modules
@@ -89,7 +93,7 @@ def train_command(
                   f"{total:,} parameters ({100 * trainable / total:.2f}%)")
 
     tcfg = TrainConfig(max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-                       warmup_steps=min(10, max(max_steps // 10, 1)))
+                       warmup_steps=min(10, max(max_steps // 10, 1)), max_seconds=max_time)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     result = _train_with_progress(base, train_set, eval_set, tcfg, pad_id, train)
 
@@ -102,6 +106,7 @@ def train_command(
         "config": {"method": "lora", "r": r, "alpha": alpha, "dropout": dropout, "targets": resolved_targets,
                    "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
                    "max_length": max_length, "eval_fraction": eval_fraction, "seed": seed,
+                   "layers": _layer_list(layers), "max_time": max_time,
                    "add_tokens": new_tokens},
         "trainable_parameters": trainable,
         "train_examples": len(train_set),
@@ -112,6 +117,8 @@ def train_command(
     _plot_loss(result, saved / "loss.png")
 
     size = (saved / "adapter_model.safetensors").stat().st_size
+    if result.stopped_by_time:
+        console.print(f"time budget of {max_time:g} s spent after {result.completed_steps} of {max_steps} steps")
     if result.interrupted:
         console.print(f"[yellow]interrupted[/]: saved the adapter of the last completed step "
                       f"({result.completed_steps} of {max_steps})")
@@ -123,6 +130,19 @@ def train_command(
 
 def _split(values: Optional[list[str]]) -> list[str]:
     return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+
+
+def _layer_list(text: Optional[str]) -> Optional[list[int]]:
+    if not text:
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise CliError(f"--layers {text!r}: expected indices like '15-29' or '0,4,8'") from None
+    return sorted(set(out))
 
 
 def _describe(targets) -> str:
