@@ -6,6 +6,7 @@
     report = ak.load(other_model, "out/")
 """
 
+from . import vocab  # adapterkit.vocab.add_tokens / find_ties
 from .checkpoint import LoadReport, load, save
 from .config import LoraConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
@@ -47,4 +48,5 @@ __all__ = [
     "trainable_parameters",
     "unload",
     "unmerge",
+    "vocab",
 ]

@@ -59,6 +59,8 @@ class TrainableTokens(AdapterWrapper):
 
     def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(ids, *args, **kwargs)  # (..., dim)
+        if self._active_tokens and self._active_tokens[0][0].device != out.device:
+            self._refresh()  # the model was moved: rebuild the index tables on the new device
         scale = getattr(self.base_layer, "embed_scale", None)  # scaled embeddings (Gemma) scale in their forward
         for slots, values in self._active_tokens:
             slot = slots[ids]  # (...,)
@@ -140,6 +142,8 @@ class TiedTokensHead(AdapterWrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # (..., vocab)
+        if self._active_tokens and self._active_tokens[0][0].device != out.device:
+            self._refresh()  # the model was moved: rebuild the row index on the new device
         bias = getattr(self.base_layer, "bias", None)
         for rows, values in self._active_tokens:
             picked = F.linear(x.to(values.dtype), values, None if bias is None else bias[rows])  # (..., k)
