@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from contextlib import contextmanager
@@ -17,9 +19,10 @@ from ..errors import AdapterLoadError
 
 @contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside `target`; on success it replaces `target` by renames.
+    """Yield a fresh temporary directory beside `target`; on success it replaces `target` in one atomic exchange.
 
-    A crash or kill before the end leaves the previous `target` untouched (at worst a stray `.tmp-*` folder).
+    A crash or kill at any point leaves either the previous `target` or the new one, complete (at worst a stray
+    `.tmp-*` folder beside it).
     Entries of an existing `target` that the new tree does not contain are carried over (hard links where possible),
     so saving an adapter into a folder that also holds, say, a tokenizer loses nothing.
     """
@@ -31,7 +34,11 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         if target.is_dir():
             _carry_over(target, tmp)
         _fsync_tree(tmp)
-        if target.exists():
+        if target.exists() and _exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous tree
+        elif target.exists():
+            # No atomic exchange here (not Linux, or a filesystem without it): two renames, with a moment in
+            # which `target` is absent and the previous tree sits in `.<name>.old-*` beside it.
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)
             os.rename(tmp, target)
@@ -41,6 +48,19 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _carry_over(old: Path, new: Path) -> None:
