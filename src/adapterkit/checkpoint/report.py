@@ -26,7 +26,9 @@ class LoadReport:
     adapter_name: str
     outcomes: list[TensorOutcome] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # adapter parameters that received no value
-    base_check: str = "not verified"  # what the base fingerprint comparison concluded
+    # What the base fingerprint comparison concluded (checkpoint/fingerprint.py): "same base", "same architecture,
+    # different weights (...)" (loaded only with check_base="warn"/"off"), "not verified (no fingerprint in file)".
+    base_check: str = "not verified"
     notes: list[str] = field(default_factory=list)
     unknown_config_keys: list[str] = field(default_factory=list)
 
