@@ -67,6 +67,19 @@ def _matches_list_or_regex(spec: list[str] | str, key: str) -> bool:
     return key in spec or any(key.endswith(f".{t}") for t in spec)
 
 
+def _in_list_or_suffix(targets: list[str], key: str) -> bool:
+    """`key in targets or key.endswith("." + t)` for some t, in O(path depth): an expanded all-linear list is long."""
+    wanted = targets if isinstance(targets, (set, frozenset)) else set(targets)
+    if key in wanted:
+        return True
+    dot = key.find(".")
+    while dot != -1:
+        if key[dot + 1 :] in wanted:
+            return True
+        dot = key.find(".", dot + 1)
+    return False
+
+
 def _layer_index(cfg: LoraConfig, key: str) -> int | None:
     patterns = cfg.layers_pattern
     if not patterns:
@@ -97,9 +110,7 @@ def matches_target(cfg: LoraConfig, key: str) -> bool:
         return False
     if isinstance(targets, str):
         return re.fullmatch(targets, key) is not None
-    if key in targets:
-        return True
-    if not any(key.endswith(f".{t}") for t in targets):
+    if not _in_list_or_suffix(targets, key):
         return False
     wanted = cfg.layers_to_transform
     if wanted is None or (isinstance(wanted, list) and not wanted):

@@ -124,3 +124,5 @@ def test_load_non_strict_reports_missing(tmp_path) -> None:
         "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight",
     ]
     assert logits(model, input_ids()).isfinite().all()
+    # The parameter with no value keeps the default init (B = 0: a no-op), never uninitialised memory.
+    assert torch.count_nonzero(model.model.layers[1].self_attn.q_proj.lora_B["default"].weight) == 0

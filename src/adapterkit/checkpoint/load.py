@@ -101,7 +101,8 @@ def load(
     tensors = expand_aliases(tensors, metadata)
     rows_before = _match_vocabulary(model, folder, metadata, resize)
     try:
-        attach(model, cfg, name)
+        # Strict: every adapter tensor comes from the file (or the load fails), so initialising them would be wasted.
+        attach(model, cfg, name, init=not strict)
     except ConfigError as exc:
         _undo_resize(model, rows_before)
         raise AdapterLoadError(f"adapter {folder} does not fit {type(model).__name__}: {exc}") from exc

@@ -72,7 +72,7 @@ class AdapterWrapper(nn.Module):
         weight = self.base_layer.weight
         merged = weight.detach().float()
         for name in names:
-            merged = merged + self.delta_weight(name)
+            merged = self.add_delta(merged, name)  # out of place: `weight` itself is kept for unmerge
         if self._unmerged_weight is None and keep_original:
             self._unmerged_weight = weight
         # A new Parameter (not an in-place add): a weight shared with another module (tied embeddings) stays
@@ -80,6 +80,10 @@ class AdapterWrapper(nn.Module):
         self.base_layer.weight = nn.Parameter(merged.to(weight.dtype), requires_grad=False)
         self.merged_names = self.merged_names + names
         self._refresh()
+
+    def add_delta(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """`weight + delta_weight(name)` as a new float32 tensor; subclasses may fuse the two (no delta temporary)."""
+        return weight + self.delta_weight(name)
 
     def unmerge(self) -> None:
         if not self.merged_names:

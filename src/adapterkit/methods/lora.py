@@ -40,6 +40,14 @@ def _init_linear_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int
             nn.init.zeros_(b)
 
 
+class _Factor(nn.Linear):
+    """nn.Linear without its default init: LoRA factors are initialised by `_init_linear_pair` or filled by a load,
+    so the kaiming init nn.Linear runs in its constructor would be wasted (it dominated `attach` on a 135M model)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class LoraLinear(AdapterWrapper):
     """LoRA around a linear layer. For Conv1D (weight stored (in, out)) the delta is transposed on merge only."""
 
@@ -63,8 +71,8 @@ class LoraLinear(AdapterWrapper):
         r = cfg.rank_for(path)
         w = self.base_layer.weight
         factory = {"device": w.device, "dtype": dtype or w.dtype}
-        a = nn.Linear(self.in_features, r, bias=False, **factory)
-        b = nn.Linear(r, self.out_features, bias=False, **factory)
+        a = _Factor(self.in_features, r, bias=False, **factory)
+        b = _Factor(r, self.out_features, bias=False, **factory)
         if init:
             _init_linear_pair(a.weight, b.weight, cfg.init_lora_weights, r)
         self.lora_A[name] = a
@@ -96,9 +104,16 @@ class LoraLinear(AdapterWrapper):
         delta = (b @ a) * self.scaling[name]  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
+    def add_delta(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        a = self.lora_A[name].weight.detach().float()  # (r, in)
+        b = self.lora_B[name].weight.detach().float()  # (out, r)
+        if self.fan_in_fan_out:  # weight (in, out)
+            return torch.addmm(weight, a.T, b.T, alpha=self.scaling[name])
+        return torch.addmm(weight, b, a, alpha=self.scaling[name])  # one pass: weight + s * (B @ A)
+
     def max_delta_bound(self, name: str) -> float:
-        a = self.lora_A[name].weight.float()
-        b = self.lora_B[name].weight.float()
+        a = self.lora_A[name].weight.detach().float()
+        b = self.lora_B[name].weight.detach().float()
         return float(b.norm(dim=1).max() * a.norm(dim=0).max() * abs(self.scaling[name]))
 
     def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
@@ -166,8 +181,8 @@ class LoraEmbedding(AdapterWrapper):
         return (b @ a).T * self.scaling[name]  # (num_embeddings, dim)
 
     def max_delta_bound(self, name: str) -> float:
-        a = self.lora_embedding_A[name].float()
-        b = self.lora_embedding_B[name].float()
+        a = self.lora_embedding_A[name].detach().float()
+        b = self.lora_embedding_B[name].detach().float()
         return float(b.norm(dim=1).max() * a.norm(dim=0).max() * abs(self.scaling[name]))
 
     def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
