@@ -303,3 +303,15 @@ def test_vocabulary_rows_only_are_left_to_vocab_handling():
     result = F.compare(fp, model)
     assert result.verdict == F.SAME, str(result)
     assert any("vocabulary rows differ" in n for n in result.notes)
+
+
+def test_weights_stored_quantized_are_not_compared():
+    model = build("llama")
+    fp = F.compute(model, ["model.layers.0.self_attn.q_proj"])
+    packed = build("llama")
+    layer = packed.model.layers[0].self_attn.q_proj
+    del layer.weight
+    layer.weight = nn.Parameter(torch.zeros(512, 1, dtype=torch.uint8), requires_grad=False)  # 4-bit packed storage
+    result = F.compare(fp, packed)
+    assert result.verdict == F.NOT_VERIFIED and result.modules[0].status == "unsigned"
+    assert result.describe().startswith("not verified (no module weight could be compared")

@@ -280,6 +280,10 @@ def _embeddings(model: nn.Module) -> dict:
     return out
 
 
+def _signable(weight: torch.Tensor | None) -> bool:
+    return weight is not None and weight.dtype.is_floating_point and weight.numel() > 0 and weight.device.type != "meta"
+
+
 def compute(model: nn.Module, modules: list[str] | None = None) -> dict:
     """The fingerprint of `model`'s base. `modules`: plain paths to sign (default: every module an adapter wraps)."""
     if modules is None:
@@ -292,7 +296,7 @@ def compute(model: nn.Module, modules: list[str] | None = None) -> dict:
     for path in modules:
         module = found.get(path)
         weight = _module_base_weight(module) if module is not None else None
-        if weight is None or not weight.dtype.is_floating_point or weight.numel() == 0:
+        if not _signable(weight):
             signed[path] = {"shape": list(weight.shape) if weight is not None else None}
         else:
             to_sign[path] = weight
@@ -409,8 +413,12 @@ def compare(fp: dict | None, model: nn.Module, *, weights: bool = True) -> BaseC
             absent.append(path)
             result.modules.append(ModuleCheck(path, "absent"))
             continue
+        if not _signable(weight):
+            # Quantized storage (packed integers, other shape), meta or absent weight: present, but not comparable.
+            result.modules.append(ModuleCheck(path, "unsigned", note="weight not in a float format here; not compared"))
+            continue
         rec_shape = sig.get("shape")
-        now_shape = tuple(weight.shape) if weight is not None else None
+        now_shape = tuple(weight.shape)
         if rec_shape is not None and now_shape is not None and list(now_shape) != list(rec_shape):
             if not _vocab_rows_only(rec_shape, now_shape, fp, model):
                 result.modules.append(ModuleCheck(path, "shape", note=f"adapter's base {rec_shape}, this model {list(now_shape)}"))
@@ -419,8 +427,8 @@ def compare(fp: dict | None, model: nn.Module, *, weights: bool = True) -> BaseC
             result.notes.append(f"{path}: vocabulary rows differ (adapter's base {rec_shape[0]}, this model {now_shape[0]})")
         if not weights:
             continue
-        if "sample" not in sig or weight is None or not weight.dtype.is_floating_point or weight.numel() == 0:
-            result.modules.append(ModuleCheck(path, "unsigned", note="no float weight to compare"))
+        if "sample" not in sig:
+            result.modules.append(ModuleCheck(path, "unsigned", note="the adapter's base had no float weight here"))
             continue
         to_compare.append((path, sig, weight))
     result.modules += _compare_weights(to_compare)
@@ -462,6 +470,7 @@ def compare(fp: dict | None, model: nn.Module, *, weights: bool = True) -> BaseC
         m.status in ("identical", "close") for m in result.modules
     ):
         result.verdict = NOT_VERIFIED
+        result.notes.insert(0, "no module weight could be compared (quantized storage?); structure matches")
     return result
 
 
