@@ -170,7 +170,7 @@ def _train_with_progress(model, train_set, eval_set, tcfg, pad_id, train):
         BarColumn(bar_width=30),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[speed]} tok/s"),
+        TextColumn("{task.fields[speed]} labelled tok/s"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
@@ -179,10 +179,16 @@ def _train_with_progress(model, train_set, eval_set, tcfg, pad_id, train):
         task = progress.add_task("train", total=tcfg.max_steps, loss="-", speed="-")
         seen = {"tokens": 0}
 
+        every = max(tcfg.max_steps // 10, 1)
+
         def on_step(log) -> None:
             seen["tokens"] += log.tokens
             speed = seen["tokens"] / max(log.seconds, 1e-9)
             progress.update(task, completed=log.step, loss=f"{log.loss:.3f}", speed=f"{speed:,.0f}")
+            if not console.is_terminal and (log.step % every == 0 or log.step == 1):
+                # No live bar when output goes to a file or pipe: a line now and then instead.
+                console.print(f"step {log.step}/{tcfg.max_steps}  loss {log.loss:.3f}  lr {log.lr:.2e}  "
+                              f"{speed:,.0f} labelled tok/s  {log.seconds:.0f} s")
 
         result = train(model, train_set, eval_set, tcfg, pad_id=pad_id, on_step=on_step)
     return result
