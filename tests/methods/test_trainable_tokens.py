@@ -142,3 +142,33 @@ def test_peft_file_loads_in_adapterkit(arch, tmp_path):
     report = ak.load(fresh, tmp_path)
     assert report.ok and not report.missing
     assert (logits(fresh) - ref).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("bad", [[], [1, 1], [-1], ["a"], {"embed_tokens": []}, 5])
+def test_config_refuses_malformed_indices(bad):
+    with pytest.raises(ak.ConfigError, match="trainable_token_indices"):
+        ak.LoraConfig(trainable_token_indices=bad)
+
+
+def test_config_round_trips_both_forms():
+    for value in (ROWS, {"embed_tokens": ROWS}):
+        cfg = ak.LoraConfig(target_modules=["q_proj"], trainable_token_indices=value)
+        assert ak.LoraConfig.from_dict(cfg.to_dict()).trainable_token_indices == value
+
+
+def test_two_adapters_on_one_embedding_switch_and_delete(tmp_path):
+    model = _attached()
+    ak.attach(model, ak.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[5, 6]), name="other")
+    perturb([_tt(model).trainable_tokens_delta["other"]], scale=0.5, seed=7)
+    first = logits(model)
+    ak.set_active(model, "other")
+    second = logits(model)
+    assert (first - second).abs().max() > 1e-3
+    ak.save(model, tmp_path)
+    fresh = build("qwen2")
+    ak.load(fresh, tmp_path, name="other")
+    assert (logits(fresh) - second).abs().max() <= TOL
+    ak.delete(model, "other")
+    ak.set_active(model, "default")
+    assert (logits(model) - first).abs().max() <= TOL
+    assert type(model.lm_head).__name__ == "TiedTokensHead" and model.lm_head.adapter_names == ["default"]
