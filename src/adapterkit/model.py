@@ -190,7 +190,7 @@ def _token_targets(
                 leaders.append((path, module, indices, []))
             else:
                 pending.append((path, module, indices))
-    weights = {id(base_of(m).weight): entry for entry in leaders for m in [entry[1]]}
+    weights = {id(base_of(entry[1]).weight): entry for entry in leaders}
     for path, module, indices in pending:
         leader = weights.get(id(getattr(base_of(module), "weight", None)))
         if leader is None or leader[2] != indices:
@@ -203,7 +203,7 @@ def _token_targets(
         for path, module in modules:
             if path == entry[0] or getattr(base_of(module), "weight", None) is not weight:
                 continue
-            if isinstance(module, AdapterWrapper) and not isinstance(module, TiedTokensHead) or path in taken:
+            if (isinstance(module, AdapterWrapper) and not isinstance(module, TiedTokensHead)) or path in taken:
                 raise TargetError(
                     f"{path!r} shares its weight with {entry[0]!r} (tied), whose token rows are trained; it cannot also "
                     "carry LoRA or a modules_to_save copy. Drop it from target_modules / modules_to_save."
