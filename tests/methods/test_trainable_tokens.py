@@ -172,3 +172,13 @@ def test_two_adapters_on_one_embedding_switch_and_delete(tmp_path):
     ak.set_active(model, "default")
     assert (logits(model) - first).abs().max() <= TOL
     assert type(model.lm_head).__name__ == "TiedTokensHead" and model.lm_head.adapter_names == ["default"]
+
+
+def test_lora_on_a_head_tied_to_trained_rows_is_refused_before_any_change():
+    from helpers import assert_unchanged, snapshot
+
+    model = build("qwen2")
+    before = snapshot(model)
+    with pytest.raises(ak.TargetError, match="lm_head.*shares its weight"):
+        ak.attach(model, ak.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], trainable_token_indices=ROWS))
+    assert_unchanged(model, before)
