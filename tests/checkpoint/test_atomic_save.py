@@ -16,7 +16,7 @@ import torch
 
 import adapterkit as ak
 from adapterkit.checkpoint.io import read_tensors
-from helpers import build
+from helpers import assert_unchanged, build, snapshot
 
 # A model whose adapter file is large (a 4096 x 8192 fp32 modules_to_save copy: 128 MiB), so a save takes long
 # enough to be killed in the middle of writing it.
@@ -73,8 +73,9 @@ def test_sigkill_mid_save_leaves_previous_adapter_intact(tmp_path):
     full = (target / WEIGHTS).stat().st_size
     assert full > 128 * 2**20
 
-    # Kill the saving process as soon as its weights file exists in the temp folder: while safetensors serialises
-    # and writes it (the file is empty or partial) or while it is fsynced, before the directory exchange.
+    # Kill the saving process as soon as its weights file exists in the temp folder: while it is written or fsynced,
+    # before the directory exchange. (Measured: the 128 MiB file has usually reached full size in the page cache by
+    # then; a torn file on disk is covered by test_truncated_file_is_a_clear_error.)
     killed_mid_save = False
     for _attempt in range(3):
         child = subprocess.Popen([sys.executable, "-c", CHILD, str(target)], stdout=subprocess.DEVNULL)
@@ -157,3 +158,14 @@ def test_resave_replaces_atomically_and_keeps_other_files(tmp_path):
         loaded.model.layers[0].self_attn.q_proj.lora_B["default"].weight,
         model.model.layers[0].self_attn.q_proj.lora_B["default"].weight,
     )
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    ak.save(_lora_llama(), tmp_path)
+    weights = tmp_path / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # what a non-atomic writer leaves
+    model = build("llama")
+    before = snapshot(model)
+    with pytest.raises(ak.AdapterLoadError, match="not a readable safetensors file .* truncated or corrupt"):
+        ak.load(model, tmp_path)
+    assert_unchanged(model, before)
