@@ -158,3 +158,14 @@ def test_embedded_name_maps_back():
     assert model_spec_for_adapter("HuggingFaceTB/SmolLM2-135M-Instruct", "/x") == "/x"
     assert model_spec_for_adapter("/some/dir", None) == "/some/dir"
     assert model_spec_for_adapter(None, None) is None
+
+
+def test_train_add_tokens_saves_tokenizer_and_new_rows(cli, tmp_path, tiny_model_dir, chat_data):
+    out = tmp_path / "ad"
+    code, text, err = cli("train", "--model", tiny_model_dir, "--data", chat_data, "--out", out, "--max-steps", "1",
+                          "--r", "2", "--targets", "q_proj", "--add-tokens", "<kettle>,<fjord>")
+    assert code == 0, text + err
+    assert "added 2 token(s)" in text
+    assert (out / "tokenizer_config.json").is_file()
+    code, text, err = cli("verify", out)
+    assert code == 0, text + err

@@ -72,14 +72,15 @@ def train_command(
                   f"parameters, loaded in {time.perf_counter() - t0:.1f} s)")
 
     new_tokens = _split(add_tokens)
-    if new_tokens:
-        _add_tokens(base, tokenizer, new_tokens)
+    new_ids = _add_tokens(base, tokenizer, new_tokens) if new_tokens else None
 
     seed_everything(seed)
     target_list = _split(targets) or [DEFAULT_TARGETS]
     target_spec = target_list[0] if target_list == [DEFAULT_TARGETS] else target_list
     cfg = ak.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_spec,
-                        layers_to_transform=_layer_list(layers), task_type="CAUSAL_LM")
+                        layers_to_transform=_layer_list(layers), task_type="CAUSAL_LM",
+                        # Only the new rows of the embedding (and a tied head) are trained and saved.
+                        trainable_token_indices=new_ids)
     ak.attach(base, cfg)
     trainable, total = ak.count_parameters(base)
     resolved_targets = ak.adapters(base)["default"].target_modules
@@ -152,13 +153,14 @@ def _describe(targets) -> str:
     return ", ".join(names)
 
 
-def _add_tokens(model, tokenizer, tokens: list[str]) -> None:
+def _add_tokens(model, tokenizer, tokens: list[str]) -> list[int]:
     try:
         from ..vocab import add_tokens
     except ImportError:
         raise CliError("--add-tokens needs adapterkit.vocab.add_tokens, which this installation does not have") from None
-    add_tokens(model, tokenizer, tokens)
+    ids = add_tokens(model, tokenizer, tokens)
     console.print(f"vocab  added {len(tokens)} token(s): {', '.join(tokens)} (vocabulary now {len(tokenizer)})")
+    return list(ids)
 
 
 def _train_with_progress(model, train_set, eval_set, tcfg, pad_id, train):

@@ -22,6 +22,7 @@ def verify_command(
     adapter: Path = typer.Argument(..., metavar="DIR", help="Adapter directory."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model to check against (default: the "
                                         "one the adapter records)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="List every module and tensor, not only problems."),
 ) -> None:
     """Check that the adapter in DIR fits the base model; exit 0 only when it does."""
     import adapterkit as ak
@@ -43,7 +44,7 @@ def verify_command(
             problems.append(f"structure: {check.describe()}")
         elif check.verdict == F.DIFFERENT_WEIGHTS:
             problems.append(f"weights: {check.describe()}")
-        details.append(f"fingerprint: {check}")
+        details.append(f"fingerprint: {check if verbose else _brief_check(check)}")
     else:
         details.append("fingerprint: none in the file (PEFT-made adapter?); weights not verified")
 
@@ -55,7 +56,7 @@ def verify_command(
     if report is not None:
         if not report.ok:
             problems.append(f"load: {report.summary()}")
-        details.append(f"load report: {report}")
+        details.append(f"load report: {report if verbose else _brief_report(report)}")
         ak.delete(base, report.adapter_name)  # leave the base as it was: nothing of this check persists
 
     weights_word = "not verified"
@@ -96,3 +97,26 @@ def _vocab_line(metadata: dict, base) -> str:
     if recorded is None:
         return f"vocab {now}"
     return f"vocab {now}" if recorded == now else f"vocab {recorded} (base {now}, resized on load)"
+
+
+def _brief_check(check) -> str:
+    """The verdict, a count per module status, and only the modules that are not identical."""
+    from collections import Counter
+
+    counts = Counter(m.status for m in check.modules)
+    lines = [f"{check.describe()} ({', '.join(f'{n} {status}' for status, n in sorted(counts.items()))})"]
+    lines += [f"  {m}" for m in check.modules if m.status != "identical"]
+    lines += [f"  structure: {s}" for s in check.structural]
+    lines += [f"  note: {n}" for n in check.notes]
+    return "\n".join(lines)
+
+
+def _brief_report(report) -> str:
+    from ..checkpoint.report import APPLIED
+
+    lines = [report.summary()]
+    lines += [f"  {o.key}: {o.action}" + (f" ({o.note})" if o.note else "") for o in report.outcomes
+              if o.action != APPLIED]
+    lines += [f"  MISSING {key}" for key in report.missing]
+    lines += [f"  note: {n}" for n in report.notes]
+    return "\n".join(lines)
