@@ -191,6 +191,7 @@ class Bench:
         cases = [
             ("LoRA on lm_head", dict(target_modules=["q_proj", "v_proj", "lm_head"])),
             ("LoRA on embed_tokens", dict(target_modules=["q_proj", "v_proj", "embed_tokens"])),
+            ("LoRA on embed_tokens and lm_head", dict(target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"])),
             ("`modules_to_save=[lm_head]`", dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])),
             ("`modules_to_save=[embed_tokens, lm_head]`",
              dict(target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"])),
