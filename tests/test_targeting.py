@@ -109,3 +109,13 @@ def test_targeted_modules_are_wrapped_in_place() -> None:
     ak.attach(model, ak.LoraConfig(target_modules=["q_proj"]))
     wrapper = model.model.layers[0].self_attn.q_proj
     assert wrapper.base_layer is q and isinstance(wrapper.lora_A["default"], torch.nn.Linear)
+
+
+def test_exact_name_bypasses_the_layer_filter() -> None:
+    # PEFT: a module named exactly in target_modules is targeted whatever layers_to_transform says (lm_head has no
+    # layer index); suffix matches are filtered by layer.
+    kwargs = {"target_modules": ["q_proj", "lm_head"], "layers_to_transform": [1], "layers_pattern": "layers"}
+    model = ak.attach(build("llama"), ak.LoraConfig(**kwargs))
+    ours = set(adapter_state(model).wrappers)
+    assert ours == {"lm_head", "model.layers.1.self_attn.q_proj"}
+    assert ours == _peft_targets(build("llama"), kwargs)

@@ -110,7 +110,10 @@ def matches_target(cfg: LoraConfig, key: str) -> bool:
         return False
     if isinstance(targets, str):
         return re.fullmatch(targets, key) is not None
-    if not _in_list_or_suffix(targets, key):
+    wanted = set(targets)
+    if key in wanted:
+        return True  # named exactly: PEFT applies no layer filter to it
+    if not _in_list_or_suffix(wanted, key):
         return False
     wanted = cfg.layers_to_transform
     if wanted is None or (isinstance(wanted, list) and not wanted):

@@ -111,7 +111,8 @@ def test_save_without_adapters_is_an_error(tmp_path) -> None:
 
 
 def test_load_non_strict_reports_missing(tmp_path) -> None:
-    small = ak.attach(build("llama", layers=1), ak.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    small = ak.attach(build("llama", layers=1), ak.LoraConfig(target_modules=["q_proj"]))  # default init: B = 0
+    perturb(ak.trainable_parameters(small))  # "trained"
     ak.save(small, tmp_path)
     model = build("llama")
     with pytest.raises(ak.AdapterLoadError, match="layers.1.self_attn.q_proj"):
@@ -124,5 +125,5 @@ def test_load_non_strict_reports_missing(tmp_path) -> None:
         "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight",
     ]
     assert logits(model, input_ids()).isfinite().all()
-    # The parameter with no value keeps the default init (B = 0: a no-op), never uninitialised memory.
+    # The parameter with no value gets the config's init (B = 0: a no-op), never uninitialised memory.
     assert torch.count_nonzero(model.model.layers[1].self_attn.q_proj.lora_B["default"].weight) == 0
