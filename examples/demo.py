@@ -5,7 +5,7 @@ We ask it, fine-tune a LoRA adapter on the shipped dataset, ask again, inspect a
 fresh process), merge it into a plain transformers model and reload that in a fresh process with transformers alone.
 
 Every step is an `adapterkit` command, printed before it runs; most run in this process to save start-up time.
-Environment: ADAPTERKIT_DEMO_DIR (default ./demo-out), ADAPTERKIT_DEMO_SECONDS (training budget, default 110),
+Environment: ADAPTERKIT_DEMO_DIR (default ./demo-out), ADAPTERKIT_DEMO_SECONDS (training budget, default 100),
 ADAPTERKIT_CACHE (where the converted model is cached).
 """
 
@@ -27,7 +27,7 @@ from adapterkit.cli.main import main as adapterkit  # noqa: E402
 from adapterkit.data import DEMO_PROMPTS, HELD_OUT_PROMPTS  # noqa: E402
 
 OUT = Path(os.environ.get("ADAPTERKIT_DEMO_DIR", "demo-out"))
-TRAIN_SECONDS = float(os.environ.get("ADAPTERKIT_DEMO_SECONDS", "110"))
+TRAIN_SECONDS = float(os.environ.get("ADAPTERKIT_DEMO_SECONDS", "100"))
 ADAPTER, MERGED = OUT / "adapter", OUT / "merged"
 MAX_NEW = "24"
 # Tuned for 2 CPU cores: all linear layers of the upper 16 of 30 layers (the backward pass stops at layer 14),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -46,10 +49,15 @@ def load_base(spec: str | None, dtype=None, *, quiet: bool = False):
     from .. import models
 
     name = (spec or models.DEFAULT_MODEL).lower()
-    if name in models.EMBEDDED_MODELS and not (models.cache_dir() / "models" / name / "config.json").is_file():
-        if not quiet:
-            console.print(f"[dim]converting the embedded {name} model to safetensors (first run only, ~30-60 s)...[/]")
-    model, tokenizer, resolved = models.load_model(spec, dtype or torch_dtype("float32"))
+    converting = name in models.EMBEDDED_MODELS and not (models.cache_dir() / "models" / name / "config.json").is_file()
+    if converting and not quiet:
+        console.print(f"converting the embedded {name} model to safetensors (first run only, ~30-60 s)...")
+    start = time.perf_counter()
+    # The GGUF reader draws its own progress bar on stderr; the line above says what is happening instead.
+    with contextlib.redirect_stderr(io.StringIO()) if converting else contextlib.nullcontext():
+        model, tokenizer, resolved = models.load_model(spec, dtype or torch_dtype("float32"))
+    if converting and not quiet:
+        console.print(f"converted and cached in {models.cache_dir() / 'models' / name} ({time.perf_counter() - start:.0f} s)")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, resolved
