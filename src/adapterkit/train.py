@@ -202,5 +202,8 @@ def train(
         model.eval()
         result.seconds = time.perf_counter() - start
     if not result.interrupted:
-        result.eval_after = evaluate(model, eval_examples, pad_id, cfg.batch_size)
+        try:
+            result.eval_after = evaluate(model, eval_examples, pad_id, cfg.batch_size)
+        except KeyboardInterrupt:  # training itself completed: keep its result, skip the evaluation
+            result.interrupted = True
     return result
