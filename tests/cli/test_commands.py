@@ -169,3 +169,14 @@ def test_train_add_tokens_saves_tokenizer_and_new_rows(cli, tmp_path, tiny_model
     assert (out / "tokenizer_config.json").is_file()
     code, text, err = cli("verify", out)
     assert code == 0, text + err
+
+
+def test_train_layers_filter_applies_to_all_linear(cli, tmp_path, tiny_model_dir, chat_data):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ad"
+    code, text, err = cli("train", "--model", tiny_model_dir, "--data", chat_data, "--out", out, "--max-steps", "1",
+                          "--r", "2", "--layers", "1")
+    assert code == 0, text + err
+    keys = load_file(str(out / "adapter_model.safetensors")).keys()
+    assert len(keys) == 2 * 7 and all(".layers.1." in k for k in keys)

@@ -76,7 +76,7 @@ def train_command(
 
     seed_everything(seed)
     target_list = _split(targets) or [DEFAULT_TARGETS]
-    target_spec = target_list[0] if target_list == [DEFAULT_TARGETS] else target_list
+    target_spec = _linear_leaf_names(base) if target_list == [DEFAULT_TARGETS] else target_list
     cfg = ak.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_spec,
                         layers_to_transform=_layer_list(layers), task_type="CAUSAL_LM",
                         # Only the new rows of the embedding (and a tied head) are trained and saved.
@@ -131,6 +131,23 @@ def train_command(
 
 def _split(values: Optional[list[str]]) -> list[str]:
     return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+
+
+def _linear_leaf_names(model) -> list[str]:
+    """'all-linear' as PEFT writes it: the leaf names of every linear layer except the output head.
+
+    Leaf names (q_proj, ...) rather than full paths, so that --layers still filters them.
+    """
+    from ..targeting import is_linear, iter_modules, output_head_path
+
+    head = output_head_path(model)
+    head_leaf = head.rsplit(".", 1)[-1] if head else None
+    leaves = {name.rsplit(".", 1)[-1] for name, module in iter_modules(model) if name and name != head
+              and is_linear(module)}
+    if head_leaf in leaves:
+        raise CliError(f"cannot express 'all-linear' by layer names: the output head's name {head_leaf!r} is also "
+                       "used by other linear layers; pass --targets explicitly")
+    return sorted(leaves)
 
 
 def _layer_list(text: Optional[str]) -> Optional[list[int]]:
