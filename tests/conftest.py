@@ -33,7 +33,7 @@ def smollm2_dir(request, tmp_path_factory):
 
     if os.environ.get("ADAPTERKIT_CACHE"):
         cache = Path(os.environ["ADAPTERKIT_CACHE"])
-    elif request.config.cache is not None:
+    elif getattr(request.config, "cache", None) is not None:
         cache = Path(request.config.cache.mkdir("adapterkit-cache"))
     else:
         cache = tmp_path_factory.mktemp("adapterkit-cache")
