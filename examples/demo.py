@@ -33,7 +33,7 @@ MAX_NEW = "24"
 # Tuned for 2 CPU cores: all linear layers of the upper 16 of 30 layers (the backward pass stops at layer 14),
 # rank 16, a high learning rate and short batches; the time budget ends training (and its schedule) on slower machines.
 TRAIN_ARGS = ["--r", "16", "--alpha", "32", "--layers", "14-29", "--lr", "3e-3", "--batch-size", "4",
-              "--max-steps", "60", "--max-time", f"{TRAIN_SECONDS:g}", "--max-length", "96",
+              "--max-steps", "80", "--max-time", f"{TRAIN_SECONDS:g}", "--max-length", "96",
               "--eval-fraction", "0.05"]
 
 timings: dict[str, float] = {}
