@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraConfig
+from ..kernels import lora_linear
 from ..targeting import is_conv1d
 from .base import AdapterWrapper
 
@@ -92,7 +93,15 @@ class LoraLinear(AdapterWrapper):
         )
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
+        active = self._active_lora
+        base = self.base_layer
+        if len(active) == 1 and type(base) is nn.Linear and not args and not kwargs:
+            # One unmerged adapter on a plain nn.Linear: the fused kernel (one autograd node, rank-r update added in
+            # place, only x saved). Conv1D, subclasses (quantized layers) and several adapters take the loop below.
+            lora_a, lora_b, dropout, scaling = active[0]
+            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            return lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, scaling, p, dropout.training)
+        out = base(x, *args, **kwargs)
         for lora_a, lora_b, dropout, scaling in self._active_lora:
             h = dropout(x.to(lora_a.weight.dtype))  # (..., in)
             out = out + (lora_b(lora_a(h)) * scaling).to(out.dtype)  # (..., r) -> (..., out)

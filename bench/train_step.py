@@ -1,0 +1,426 @@
+"""Training-step benchmark: frozen base vs PEFT LoRA vs adapterkit LoRA, side by side in one process.
+
+GPU (default): a randomly initialised Llama-3.2-1B-shaped model in bf16, batch 8x1024, sdpa attention.
+`--cpu`: SmolLM2-135M shapes in fp32, batch 2x128. `--micro`: one adapted linear at the 1B model's shapes, kernel
+variants timed against the bare base GEMM (GPU only). Results go to $OUT as JSON when OUT is set.
+
+    python bench/train_step.py            # GPU table
+    python bench/train_step.py --cpu      # CPU table
+    python bench/train_step.py --micro    # per-linear kernel variants (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+GIB = 1024**3
+
+# Model shapes. Llama-3.2-1B: tied embeddings, GQA 32/8; SmolLM2-135M: tied, GQA 9/3.
+LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True)
+SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
+ALL_LINEAR = "all-linear"
+QV = ["q_proj", "v_proj"]
+
+
+@dataclass
+class Case:
+    """One row of the table: which library, which adapter settings."""
+
+    impl: str  # "base" | "peft" | "peft-bf16" | "adapterkit" | "adapterkit-torch" | "adapterkit-triton"
+    targets: object = ALL_LINEAR
+    r: int = 16
+    dropout: float = 0.0
+
+    @property
+    def group(self) -> str:
+        if self.impl == "base":
+            return "frozen base"
+        t = "all-linear" if self.targets == ALL_LINEAR else ",".join(t.replace("_proj", "") for t in self.targets)
+        return f"{t} r={self.r} p={self.dropout:g}"
+
+    @property
+    def label(self) -> str:
+        return self.impl if self.impl == "base" else f"{self.group} | {self.impl}"
+
+
+@dataclass
+class Result:
+    case: Case
+    ms: float
+    ms_all: list = field(default_factory=list)
+    peak_gib: float = 0.0
+    trainable: int = 0
+
+
+def build_model(shape: dict, dtype: torch.dtype, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**shape, max_position_embeddings=4096, attn_implementation="sdpa", use_cache=False)
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model.to(device=device, dtype=dtype)
+    model.requires_grad_(False)
+    return model
+
+
+def attach(model, case: Case):
+    """Return (module to call, trainable params) for the case; the base stays frozen in every case."""
+    if case.impl == "base":
+        return model, []
+    if case.impl.startswith("peft"):
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=case.r, lora_alpha=2 * case.r, target_modules=case.targets, lora_dropout=case.dropout)
+        model = get_peft_model(model, cfg, autocast_adapter_dtype=(case.impl == "peft"))
+    else:
+        import adapterkit as ak
+        from adapterkit.kernels import set_backend
+
+        set_backend(case.impl.split("-")[1] if "-" in case.impl else "auto")
+        ak.attach(model, ak.LoraConfig(r=case.r, lora_alpha=2 * case.r, target_modules=case.targets,
+                                       lora_dropout=case.dropout), name="default")
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def make_step(case: Case, shape, dtype, device, batch, seq):
+    """A fresh model for the case and a closure running one training step on it; returns (step, n_trainable)."""
+    model = build_model(shape, dtype, device)
+    ids = torch.randint(0, shape["vocab_size"], (batch, seq), device=device,
+                        generator=torch.Generator(device).manual_seed(1))
+    model, params = attach(model, case)
+    model.train()
+    embed = model.get_input_embeddings()
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def step():
+        # inputs_embeds as a grad-requiring leaf: the backward runs through every layer in every case, so the
+        # frozen base is the true floor (input gradients, no weight gradients).
+        emb = embed(ids).detach().requires_grad_(True)
+        loss = model(inputs_embeds=emb, labels=ids, use_cache=False).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step, sum(p.numel() for p in params)
+
+
+def run_case(case: Case, shape, dtype, device, batch, seq, warmup, steps) -> Result:
+    """GPU: one case at a time, CUDA-event timing, peak memory of this case alone."""
+    step, n_trainable = make_step(case, shape, dtype, device, batch, seq)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    peak = torch.cuda.max_memory_allocated() / GIB
+    del step
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return Result(case, statistics.median(times), times, peak, n_trainable)
+
+
+def run_interleaved(cases: list[Case], shape, dtype, device, batch, seq, warmup, steps) -> list[Result]:
+    """CPU: all cases built up front and stepped in turn, round after round, so that load from other processes
+    on a shared machine falls on every case alike."""
+    from adapterkit.kernels import set_backend
+
+    built = []
+    for case in cases:
+        built.append(make_step(case, shape, dtype, device, batch, seq))
+        set_backend("auto")
+    times: list[list[float]] = [[] for _ in cases]
+    for rnd in range(warmup + steps):
+        for k, (step, _) in enumerate(built):
+            t0 = time.perf_counter()
+            step()
+            if rnd >= warmup:
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return [Result(c, statistics.median(t), t, 0.0, n) for c, t, (_, n) in zip(cases, times, built)]
+
+
+def print_table(results: list[Result], cuda: bool):
+    base = next(r for r in results if r.case.impl == "base")
+    peft_default = {r.case.group: r for r in results if r.case.impl == "peft"}
+    hdr = f"{'config':<44} {'ms':>8} {'x base':>7} {'x PEFT':>7}"
+    if cuda:
+        hdr += f" {'peak GiB':>9} {'+GiB':>6}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in results:
+        pd = peft_default.get(r.case.group)
+        line = f"{r.case.label:<44} {r.ms:8.1f} {r.ms / base.ms:7.3f} {r.ms / pd.ms if pd else float('nan'):7.3f}"
+        if cuda:
+            line += f" {r.peak_gib:9.2f} {r.peak_gib - base.peak_gib:6.2f}"
+        print(line)
+
+
+def environment(device: str) -> dict:
+    import transformers
+
+    env = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), python=platform.python_version(),
+               torch=torch.__version__, transformers=transformers.__version__, command=" ".join(sys.argv))
+    try:
+        import peft
+
+        env["peft"] = peft.__version__
+    except ImportError:
+        pass
+    if device == "cuda":
+        env["device"] = torch.cuda.get_device_name()
+    else:
+        env["device"] = platform.processor() or platform.machine()
+        env["threads"] = torch.get_num_threads()
+    return env
+
+
+def write_json(name: str, payload: dict):
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(payload, f, indent=1, default=str)
+
+
+def gpu_cases(args) -> list[Case]:
+    cases = [Case("base")]
+    impls = ["peft", "peft-bf16", "adapterkit"]
+    groups = [(ALL_LINEAR, 16, 0.0), (ALL_LINEAR, 16, 0.1), (QV, 16, 0.0), (ALL_LINEAR, 64, 0.0)]
+    for targets, r, p in groups:
+        for impl in impls:
+            cases.append(Case(impl, targets, r, p))
+        if targets == ALL_LINEAR and r == 16:
+            cases += [Case(f"adapterkit-{be}", targets, r, p) for be in args.backends]
+    if args.only:
+        cases = [c for c in cases if c.impl == "base" or any(s in c.label for s in args.only)]
+    return cases
+
+
+def main_train(args):
+    cuda = not args.cpu
+    device = "cuda" if cuda else "cpu"
+    if cuda:
+        shape, dtype, batch, seq = LLAMA_1B, torch.bfloat16, args.batch or 8, args.seq or 1024
+        cases = gpu_cases(args)
+        warmup, steps = args.warmup or 3, args.steps or 10
+    else:
+        shape, dtype, batch, seq = SMOLLM2_135M, torch.float32, args.batch or 2, args.seq or 128
+        cases = [Case("base")]
+        for p in (0.0, 0.1):
+            cases += [Case("peft", ALL_LINEAR, 16, p), Case("adapterkit", ALL_LINEAR, 16, p)]
+        warmup, steps = args.warmup or 2, args.steps or 7
+    env = environment(device)
+    print(f"# {env['device']}  torch {env['torch']}  transformers {env['transformers']}  peft {env.get('peft')}  "
+          f"batch {batch}x{seq} {str(dtype).replace('torch.', '')}  median of {steps} steps after {warmup} warm-up",
+          flush=True)
+    if not cuda:
+        results = run_interleaved(cases, shape, dtype, device, batch, seq, warmup, steps)
+    else:
+        results = []
+        for case in cases:
+            try:
+                res = run_case(case, shape, dtype, device, batch, seq, warmup, steps)
+            except Exception as e:  # keep the other rows when one library fails
+                print(f"!! {case.label}: {type(e).__name__}: {e}", flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            results.append(res)
+            print(f"  {case.label:<44} {res.ms:8.1f} ms  peak {res.peak_gib:6.2f} GiB", flush=True)
+    print()
+    print_table(results, cuda)
+    write_json(f"train_step_{device}.json",
+               dict(env=env, batch=batch, seq=seq, results=[dict(asdict(r.case), label=r.case.label, ms=r.ms,
+                                                               ms_all=r.ms_all, peak_gib=r.peak_gib,
+                                                               trainable=r.trainable) for r in results]))
+
+
+# --------------------------------------------------------------------------------------------------- micro (GPU)
+def main_micro(args):
+    """One adapted linear at the 1B model's shapes: forward + backward, each variant against the bare base GEMM."""
+    import triton.testing as tt
+    import torch.nn.functional as F
+
+    from adapterkit.kernels import lora_linear, set_backend
+    ll_mod = importlib.import_module("adapterkit.kernels.lora_linear")  # the module, not the function
+    from adapterkit.kernels.reference import lora_linear_reference
+
+    dev, dt, T, r, s = "cuda", torch.bfloat16, 8192, args.rank, 2.0
+    shapes = {"q": (2048, 2048), "k": (2048, 512), "o": (2048, 2048), "gate": (2048, 8192), "down": (8192, 2048)}
+    if not torch.cuda.is_available():  # smoke test of this script only (TRITON_INTERPRET=1), numbers meaningless
+        dev, dt, T = "cpu", torch.float16, 128
+        shapes = {k: (i // 32, o // 32) for k, (i, o) in shapes.items()}
+    rows = []
+
+    def bench(fn):
+        if dev == "cpu":
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        return tt.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+    def memory_allocated():
+        return torch.cuda.memory_allocated() if dev == "cuda" else 0
+
+    for name, (fin, fout) in shapes.items():
+        g = torch.Generator(dev).manual_seed(0)
+        x = torch.randn(T, fin, device=dev, dtype=dt, generator=g).requires_grad_(True)
+        w = (torch.randn(fout, fin, device=dev, dtype=dt, generator=g) / fin**0.5)
+        a = (torch.randn(r, fin, device=dev, dtype=dt, generator=g) / fin**0.5).requires_grad_(True)
+        b = (torch.randn(fout, r, device=dev, dtype=dt, generator=g) / r**0.5).requires_grad_(True)
+        dy = torch.randn(T, fout, device=dev, dtype=dt, generator=g)
+
+        def fwd_bwd(f):
+            def run():
+                x.grad = a.grad = b.grad = None
+                f().backward(dy)
+            return run
+
+        variants = {
+            "base": fwd_bwd(lambda: F.linear(x, w)),
+            "naive": fwd_bwd(lambda: lora_linear_reference(x, w, None, a, b, s)),
+        }
+        for p in (0.0, 0.1):
+            for be in ("torch", "triton"):
+                def mk(p=p, be=be):
+                    def f():
+                        set_backend(be)
+                        return lora_linear(x, w, None, a, b, s, dropout_p=p, training=True)
+                    return f
+                variants[f"{be} p={p:g}"] = fwd_bwd(mk())
+        variants["naive p=0.1"] = fwd_bwd(lambda: lora_linear_reference(x, w, None, a, b, s, 0.1, True))
+        # Pieces, to see where the time goes.
+        xd, xa_, g_ = x.detach(), (x.detach() @ a.detach().t()), dy @ b.detach()
+        wa = torch.cat([w, a.detach()], 0)
+        pieces = {
+            "[fwd] x@W^T": lambda: F.linear(xd, w),
+            "[fwd] x@[W;A]^T": lambda: F.linear(xd, wa),
+            "[fwd] x@A^T cublas": lambda: xd @ a.detach().t(),
+            "[fwd] out+=xa@B^T": None,
+            "[bwd] dY@B cublas": lambda: dy @ b.detach(),
+            "[bwd] dA=g^T x cublas": lambda: g_.t() @ xd,
+            "[bwd] dB=dY^T xa cublas": lambda: dy.t() @ xa_,
+            "[bwd] dX+=gA cublas": None,
+        }
+        out_buf = F.linear(xd, w)
+        dx_buf = dy @ w
+        pieces["[fwd] out+=xa@B^T"] = lambda: out_buf.addmm_(xa_, b.detach().t(), alpha=s)
+        pieces["[bwd] dX+=gA cublas"] = lambda: dx_buf.addmm_(g_, a.detach(), alpha=s)
+        # The shipped order: write the rank-r part, then let the big GEMM accumulate onto it (beta=1).
+        pieces["[fwd] C=s*xa@B^T (beta=0)"] = lambda: torch.empty_like(out_buf).addmm_(
+            xa_, b.detach().t(), beta=0, alpha=s)
+        pieces["[fwd] C+=x@W^T (beta=1)"] = lambda: out_buf.addmm_(xd, w.t())
+        pieces["[bwd] dX=dY@W"] = lambda: dy @ w
+        pieces["[bwd] C=s*gA (beta=0)"] = lambda: torch.empty_like(dx_buf).addmm_(g_, a.detach(), beta=0, alpha=s)
+        pieces["[bwd] C+=dY@W (beta=1)"] = lambda: dx_buf.addmm_(dy, w)
+        tri = ll_mod._triton()
+        if tri is not None:
+            for p in (0.0, 0.1):
+                pieces[f"[fwd] xa triton p={p:g}"] = (
+                    lambda p=p: tri.lora_a_forward(xd, a.detach(), p, 1234))
+                pieces[f"[bwd] dX+dA triton p={p:g}"] = (
+                    lambda p=p: tri.lora_a_backward(xd, g_, a.detach(), p, 1234, s, True, True))
+        if tri is not None and args.sweep and name in ("q", "down"):
+            for bm, bk, nw, ns in [(32, 128, 4, 4), (32, 256, 4, 3), (16, 256, 4, 4), (32, 64, 4, 6)]:
+                pieces[f"[sweep fwd] bm{bm} bk{bk} w{nw} s{ns}"] = (
+                    lambda bm=bm, bk=bk, nw=nw, ns=ns: tri.lora_a_forward(
+                        xd, a.detach(), 0.1, 1234, bm=bm, bk=bk, num_warps=nw, num_stages=ns))
+            for bm, bn, nw, ns in [(64, 128, 4, 3), (32, 128, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (32, 256, 4, 4)]:
+                pieces[f"[sweep bwd] bm{bm} bn{bn} w{nw} s{ns}"] = (
+                    lambda bm=bm, bn=bn, nw=nw, ns=ns: tri.lora_a_backward(
+                        xd, g_, a.detach(), 0.1, 1234, s, True, True, bm=bm, bn=bn, num_warps=nw,
+                        num_stages=ns))
+        if name == "q":
+            # q, k, v read one x: one (3r)-wide product instead of three r-wide ones.
+            a3 = torch.randn(3 * r, fin, device=dev, dtype=dt) / fin**0.5
+            g3 = torch.randn(T, 3 * r, device=dev, dtype=dt)
+            pieces["[fwd] x@[Aq;Ak;Av]^T cublas"] = lambda: xd @ a3.t()
+            pieces["[bwd] dA3=g3^T x cublas"] = lambda: g3.t() @ xd
+        for vname, fn in list(variants.items()) + list(pieces.items()):
+            try:
+                ms = bench(fn)
+            except Exception as e:
+                print(f"!! {name} {vname}: {type(e).__name__}: {e}", flush=True)
+                continue
+            rows.append(dict(shape=name, fin=fin, fout=fout, variant=vname, ms=ms))
+        # Saved-activation memory of one forward (what stays alive until backward).
+        for vname in ("base", "naive", "torch p=0", "triton p=0", "torch p=0.1", "triton p=0.1", "naive p=0.1"):
+            m0 = memory_allocated()
+            if vname == "base":
+                y = F.linear(x, w)
+            elif vname.startswith("naive"):
+                p = 0.1 if "0.1" in vname else 0.0
+                y = lora_linear_reference(x, w, None, a, b, s, p, True)
+            else:
+                be, p = vname.split(" p=")
+                set_backend(be)
+                y = lora_linear(x, w, None, a, b, s, dropout_p=float(p), training=True)
+            saved = (memory_allocated() - m0 - y.numel() * y.element_size()) / 2**20
+            rows.append(dict(shape=name, fin=fin, fout=fout, variant=f"saved MiB {vname}", ms=saved))
+            del y
+        set_backend("auto")
+        del x, w, a, b, dy, out_buf, dx_buf, wa
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+    base = {rw["shape"]: rw["ms"] for rw in rows if rw["variant"] == "base"}
+    print(f"{'shape':<6} {'variant':<28} {'ms':>8} {'x base':>7}")
+    for rw in rows:
+        if rw["variant"].startswith("saved"):
+            print(f"{rw['shape']:<6} {rw['variant']:<28} {rw['ms']:8.1f}")
+        else:
+            print(f"{rw['shape']:<6} {rw['variant']:<28} {rw['ms'] * 1e3:8.1f}us {rw['ms'] / base[rw['shape']]:6.3f}")
+    write_json("micro.json", dict(env=environment(dev), T=T, r=r, rows=rows))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu", action="store_true", help="SmolLM2-135M shapes on the CPU, fp32")
+    ap.add_argument("--micro", action="store_true", help="per-linear kernel variants (GPU)")
+    ap.add_argument("--backends", nargs="*", default=[], choices=["torch", "triton"],
+                    help="also time adapterkit with these kernel backends forced (all-linear r=16 rows)")
+    ap.add_argument("--only", nargs="*", help="keep only rows whose label contains one of these")
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--rank", type=int, default=16, help="rank for --micro")
+    ap.add_argument("--sweep", action="store_true", help="--micro: also sweep Triton launch shapes")
+    args = ap.parse_args()
+    if args.micro:
+        main_micro(args)
+    else:
+        main_train(args)
+
+
+if __name__ == "__main__":
+    main()
