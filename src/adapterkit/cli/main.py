@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the top level decides what a user sees
         import click
 
-        if isinstance(exc, click.exceptions.Exit):
+        if type(exc).__name__ == "NoArgsIsHelpError":  # no sub-command: the help was printed, as click does
+            code = 2
+        elif isinstance(exc, click.exceptions.Exit):
             code = exc.exit_code
         elif isinstance(exc, click.ClickException):
             exc.show()
