@@ -119,3 +119,17 @@ def test_exact_name_bypasses_the_layer_filter() -> None:
     ours = set(adapter_state(model).wrappers)
     assert ours == {"lm_head", "model.layers.1.self_attn.q_proj"}
     assert ours == _peft_targets(build("llama"), kwargs)
+
+
+def test_all_linear_honours_layers_to_transform():
+    """PEFT expands all-linear to full paths and then skips the layer filter for them; adapterkit filters while
+    expanding, so only the chosen layers get adapters and the saved list reloads identically in PEFT."""
+    import adapterkit as ak
+    from helpers import tiny_llama
+
+    model = tiny_llama()
+    ak.attach(model, ak.LoraConfig(r=2, target_modules="all-linear", layers_to_transform=[1]))
+    adapted = [name for name, m in model.named_modules() if hasattr(m, "lora_A")]
+    assert adapted and all(".layers.1." in name for name in adapted)
+    saved = ak.adapters(model)["default"].target_modules
+    assert saved and all(".layers.1." in name for name in saved)

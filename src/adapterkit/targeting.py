@@ -113,8 +113,11 @@ def matches_target(cfg: LoraConfig, key: str) -> bool:
     wanted = set(targets)
     if key in wanted:
         return True  # named exactly: PEFT applies no layer filter to it
-    if not _in_list_or_suffix(wanted, key):
-        return False
+    return _in_list_or_suffix(wanted, key) and _layer_selected(cfg, key)
+
+
+def _layer_selected(cfg: LoraConfig, key: str) -> bool:
+    """`layers_to_transform` / `layers_pattern`: whether the module's layer index is one of the wanted ones."""
     wanted = cfg.layers_to_transform
     if wanted is None or (isinstance(wanted, list) and not wanted):
         return True
@@ -137,8 +140,12 @@ def expand_targets(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
         return cfg.replace(target_modules=list(DEFAULT_TARGETS[model_type]))
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         head = output_head_path(model)
+        # Full paths, as PEFT saves them. PEFT applies no layer filter to a path named exactly, so the filter is
+        # applied here, while expanding: the saved list then holds only the chosen layers and reloads the same.
         names = sorted(
-            name for name, module in iter_modules(model) if name and name != head and is_linear(base_of(module))
+            name
+            for name, module in iter_modules(model)
+            if name and name != head and is_linear(base_of(module)) and _layer_selected(cfg, name)
         )
         return cfg.replace(target_modules=names)
     return cfg
