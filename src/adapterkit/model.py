@@ -20,7 +20,7 @@ from .methods import lora
 from .methods.base import AdapterWrapper
 from .methods.trainable_tokens import TiedTokensHead, TrainableTokens
 from .modules_to_save import TrainableCopy
-from .targeting import base_of, expand_targets, find_modules_to_save, find_targets, is_conv1d, iter_modules
+from .targeting import expand_targets, find_modules_to_save, find_targets, find_token_targets, is_conv1d
 
 _STATE_ATTR = "_adapterkit"
 
@@ -88,7 +88,7 @@ def attach(
     cfg = expand_targets(model, config)
     targets = find_targets(model, cfg)
     copies = find_modules_to_save(model, cfg)
-    tokens = _token_targets(model, cfg, {p for p, _ in targets} | {p for p, _ in copies})
+    tokens = find_token_targets(model, cfg, {p for p, _ in targets} | {p for p, _ in copies})
     if not targets and not copies and not tokens:
         raise TargetError(
             "the config targets no module: set target_modules, modules_to_save or trainable_token_indices."
@@ -135,81 +135,6 @@ def attach(
     state.configs[name] = cfg
     set_active(model, state.active or (name,))
     return model
-
-
-def _token_targets(
-    model: nn.Module, cfg: LoraConfig, taken: set[str]
-) -> list[tuple[str, nn.Module, list[int], list[str]]]:
-    """(embedding path, module, row indices, paths of heads tied to it) for `trainable_token_indices`.
-
-    A list targets the model's input embedding; a dict maps module names (exact path or ".name" suffix) to indices.
-    A head whose weight is the embedding's tensor follows the embedding and may be named with the same indices.
-    Raises TargetError before anything is changed.
-    """
-    spec = cfg.trainable_token_indices
-    if spec is None:
-        return []
-    from .vocab import embeddings
-
-    if isinstance(spec, dict):
-        groups = {key: list(v) for key, v in spec.items()}
-    else:
-        emb, _ = embeddings(model)
-        path = next((n for n, m in iter_modules(model) if emb is not None and (m is emb or base_of(m) is emb)), None)
-        if path is None:
-            path = next((n for n, _ in iter_modules(model) if n.endswith("embed_tokens")), None)
-        if path is None:
-            raise TargetError(
-                "trainable_token_indices is a list, which means the input embedding, but this model reports none; "
-                "pass a dict such as {'embed_tokens': [...]} naming the embedding module."
-            )
-        groups = {path: list(spec)}
-    modules = [(n, m) for n, m in iter_modules(model) if n]
-    leaders: list[tuple[str, nn.Module, list[int], list[str]]] = []
-    pending: list[tuple[str, nn.Module, list[int]]] = []
-    for key, indices in groups.items():
-        matched = [(n, m) for n, m in modules if n == key or n.endswith(f".{key}")]
-        if not matched:
-            raise TargetError(f"trainable_token_indices names {key!r}, which matches no module of {type(model).__name__}.")
-        for path, module in matched:
-            if path in taken:
-                raise TargetError(
-                    f"{path!r} is targeted by trainable_token_indices and also by target_modules or modules_to_save; "
-                    "choose one way to train it."
-                )
-            base = base_of(module)
-            if isinstance(base, nn.Embedding) and not isinstance(module, (TrainableCopy, lora.LoraEmbedding)):
-                rows = base.weight.shape[0]
-                too_big = [i for i in indices if i >= rows]
-                if too_big:
-                    raise TargetError(
-                        f"trainable_token_indices for {path!r} include {too_big[:5]} but the embedding has {rows} rows. "
-                        "Add the tokens first: adapterkit.vocab.add_tokens(model, tokenizer, tokens) or "
-                        "model.resize_token_embeddings(len(tokenizer))."
-                    )
-                leaders.append((path, module, indices, []))
-            else:
-                pending.append((path, module, indices))
-    weights = {id(base_of(entry[1]).weight): entry for entry in leaders}
-    for path, module, indices in pending:
-        leader = weights.get(id(getattr(base_of(module), "weight", None)))
-        if leader is None or leader[2] != indices:
-            raise TargetError(
-                f"trainable_token_indices names {path!r}, a {type(base_of(module)).__name__}; adapterkit trains token "
-                "rows of nn.Embedding tables (a head tied to the embedding follows it with the same indices)."
-            )
-    for entry in leaders:
-        weight = base_of(entry[1]).weight
-        for path, module in modules:
-            if path == entry[0] or getattr(base_of(module), "weight", None) is not weight:
-                continue
-            if (isinstance(module, AdapterWrapper) and not isinstance(module, TiedTokensHead)) or path in taken:
-                raise TargetError(
-                    f"{path!r} shares its weight with {entry[0]!r} (tied), whose token rows are trained; it cannot also "
-                    "carry LoRA or a modules_to_save copy. Drop it from target_modules / modules_to_save."
-                )
-            entry[3].append(path)
-    return leaders
 
 
 def set_active(model: nn.Module, names: str | list[str] | tuple[str, ...]) -> None:
