@@ -36,6 +36,7 @@ class AdapterWrapper(nn.Module):
     def remove_adapter(self, name: str) -> None:
         if name in self.merged_names:
             raise MergeError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge it first.")
+        getattr(self, "scaling", {}).pop(name, None)  # LoRA layers keep a per-adapter scale
         for attr in self.adapter_containers:
             container = getattr(self, attr)
             if name in container:
@@ -64,20 +65,24 @@ class AdapterWrapper(nn.Module):
         """The update to add to `base_layer.weight`, in the base weight's layout, computed in float32."""
         raise NotImplementedError
 
+    def merged_weight(self, names: tuple[str, ...]) -> torch.Tensor:
+        """A new tensor: the base weight with adapters `names` folded in, in the weight's dtype (summed in float32)."""
+        weight = self.base_layer.weight
+        merged = weight.detach().float()
+        for name in names:
+            merged = self.add_delta(merged, name)  # out of place: `weight` itself is kept for unmerge
+        return merged.to(weight.dtype)
+
     def merge(self, names: tuple[str, ...], keep_original: bool = True) -> None:
         """Fold the adapters into a new base weight. The original Parameter is kept for an exact unmerge."""
         names = tuple(n for n in names if n not in self.merged_names)
         if not names:
             return
-        weight = self.base_layer.weight
-        merged = weight.detach().float()
-        for name in names:
-            merged = self.add_delta(merged, name)  # out of place: `weight` itself is kept for unmerge
         if self._unmerged_weight is None and keep_original:
-            self._unmerged_weight = weight
+            self._unmerged_weight = self.base_layer.weight
         # A new Parameter (not an in-place add): a weight shared with another module (tied embeddings) stays
         # untouched for that module, which is what the unmerged model computes.
-        self.base_layer.weight = nn.Parameter(merged.to(weight.dtype), requires_grad=False)
+        self.base_layer.weight = nn.Parameter(self.merged_weight(names), requires_grad=False)
         self.merged_names = self.merged_names + names
         self._refresh()
 

@@ -81,10 +81,6 @@ class LoraLinear(AdapterWrapper):
         self.lora_dropout[name] = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
         self.scaling[name] = cfg.scaling_for(path)
 
-    def remove_adapter(self, name: str) -> None:
-        super().remove_adapter(name)
-        self.scaling.pop(name, None)
-
     def _refresh(self) -> None:
         self._active_lora = tuple(
             (self.lora_A[n], self.lora_B[n], self.lora_dropout[n], self.scaling[n])
@@ -164,10 +160,6 @@ class LoraEmbedding(AdapterWrapper):
         self.lora_embedding_A[name] = nn.Parameter(a)
         self.lora_embedding_B[name] = nn.Parameter(b)
         self.scaling[name] = cfg.scaling_for(path)
-
-    def remove_adapter(self, name: str) -> None:
-        super().remove_adapter(name)
-        self.scaling.pop(name, None)
 
     def _refresh(self) -> None:
         self._active_lora = tuple(

@@ -76,18 +76,6 @@ class TrainableTokens(AdapterWrapper):
             weight.index_copy_(0, self.rows(n).to(weight.device), self.trainable_tokens_delta[n].detach().to(weight))
         return weight
 
-    def merge(self, names: tuple[str, ...], keep_original: bool = True) -> None:
-        """Write the trained rows into a new weight Parameter; the original is kept for an exact unmerge."""
-        names = tuple(n for n in names if n not in self.merged_names)
-        if not names:
-            return
-        weight = self.base_layer.weight
-        if self._unmerged_weight is None and keep_original:
-            self._unmerged_weight = weight
-        self.base_layer.weight = nn.Parameter(self.merged_weight(names), requires_grad=False)
-        self.merged_names = self.merged_names + names
-        self._refresh()
-
     def delta_weight(self, name: str) -> torch.Tensor:
         return self.merged_weight((name,)).float() - self.base_layer.weight.detach().float()
 
