@@ -178,3 +178,27 @@ def test_attach_errors_leave_the_model_alone() -> None:
     with pytest.raises(ak.ConfigError, match="use_dora"):
         ak.attach(model, ak.LoraConfig(target_modules=ATTN, use_dora=True), name="dora")
     assert_unchanged(model, before)
+
+
+def test_unload_merge_updates_untied_float32_weights_in_place_and_leaves_tied_embedding_alone():
+    """unload(merge=True) keeps no original, so an untied fp32 weight is updated in place (no second copy of the
+    model); a head tied to the embedding gets its own merged tensor and the embedding keeps the base values."""
+    from helpers import tiny_qwen2
+
+    model = tiny_qwen2().eval()
+    ids = input_ids()
+    ak.attach(model, ak.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    q_weight = model.model.layers[0].self_attn.q_proj.base_layer.weight
+    q_before = q_weight.detach().clone()
+    embedding_before = model.model.embed_tokens.weight.detach().clone()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    expected = logits(model, ids)
+
+    ak.unload(model, merge=True)
+
+    assert model.model.layers[0].self_attn.q_proj.weight is q_weight  # same tensor, updated in place
+    assert not torch.equal(q_weight, q_before)
+    assert torch.equal(model.model.embed_tokens.weight, embedding_before)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert model.config.tie_word_embeddings is False
+    torch.testing.assert_close(logits(model, ids), expected, atol=1e-4, rtol=0)

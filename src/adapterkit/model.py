@@ -241,9 +241,20 @@ def _merge(model: nn.Module, state: AdapterState, chosen: tuple[str, ...], keep_
     if not chosen:
         raise MergeError("no adapter is active, so there is nothing to merge; pass names=[...] or set_active first.")
     _check_mergeable(state, chosen)
+    shared = set() if keep_original else _shared_tensor_ids(model)
     for wrapper in state.wrappers.values():
-        wrapper.merge(tuple(n for n in chosen if n in wrapper.adapter_names), keep_original=keep_original)
+        names = tuple(n for n in chosen if n in wrapper.adapter_names)
+        wrapper.merge(names, keep_original=keep_original, shared=keep_original or id(wrapper.weight) in shared)
     _sync_tie_flag(model, state)
+
+
+def _shared_tensor_ids(model: nn.Module) -> set[int]:
+    """ids of parameters reachable under more than one name (tied weights)."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        (shared if id(p) in seen else seen).add(id(p))
+    return shared
 
 
 def unmerge(model: nn.Module) -> None:

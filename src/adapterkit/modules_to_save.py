@@ -48,7 +48,7 @@ class TrainableCopy(AdapterWrapper):
         return dict(self.modules_to_save[name].state_dict(keep_vars=True))
 
     # A copy replaces the module when merging: there is no delta, and unmerge is a pointer swap back.
-    def merge(self, names: tuple[str, ...], keep_original: bool = True) -> None:
+    def merge(self, names: tuple[str, ...], keep_original: bool = True, shared: bool = True) -> None:
         names = tuple(n for n in names if n in self.modules_to_save)
         if names:
             self.merged_names = names[-1:]

@@ -73,18 +73,31 @@ class AdapterWrapper(nn.Module):
             merged = self.add_delta(merged, name)  # out of place: `weight` itself is kept for unmerge
         return merged.to(weight.dtype)
 
-    def merge(self, names: tuple[str, ...], keep_original: bool = True) -> None:
-        """Fold the adapters into a new base weight. The original Parameter is kept for an exact unmerge."""
+    def merge(self, names: tuple[str, ...], keep_original: bool = True, shared: bool = True) -> None:
+        """Fold the adapters into the base weight.
+
+        keep_original: keep the original Parameter so `unmerge` is exact. shared: the weight is also used by another
+        module (tied). Either way the merge builds a new Parameter, leaving the original and its other users
+        untouched; only a float32 weight that is neither kept nor shared is updated in place (no second copy).
+        """
         names = tuple(n for n in names if n not in self.merged_names)
         if not names:
             return
-        if self._unmerged_weight is None and keep_original:
-            self._unmerged_weight = self.base_layer.weight
-        # A new Parameter (not an in-place add): a weight shared with another module (tied embeddings) stays
-        # untouched for that module, which is what the unmerged model computes.
-        self.base_layer.weight = nn.Parameter(self.merged_weight(names), requires_grad=False)
+        weight = self.base_layer.weight
+        if keep_original or shared or weight.dtype != torch.float32:
+            if self._unmerged_weight is None and keep_original:
+                self._unmerged_weight = weight
+            self.base_layer.weight = nn.Parameter(self.merged_weight(names), requires_grad=False)
+        else:
+            with torch.no_grad():
+                for name in names:
+                    self.add_delta_(weight, name)
         self.merged_names = self.merged_names + names
         self._refresh()
+
+    def add_delta_(self, weight: torch.Tensor, name: str) -> None:
+        """In place: `weight += delta_weight(name)` (float32 weight)."""
+        weight.add_(self.delta_weight(name))
 
     def add_delta(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         """`weight + delta_weight(name)` as a new float32 tensor; subclasses may fuse the two (no delta temporary)."""

@@ -116,6 +116,14 @@ class LoraLinear(AdapterWrapper):
             return torch.addmm(weight, a.T, b.T, alpha=self.scaling[name])
         return torch.addmm(weight, b, a, alpha=self.scaling[name])  # one pass: weight + s * (B @ A)
 
+    def add_delta_(self, weight: torch.Tensor, name: str) -> None:
+        a = self.lora_A[name].weight.detach().float()  # (r, in)
+        b = self.lora_B[name].weight.detach().float()  # (out, r)
+        if self.fan_in_fan_out:
+            weight.addmm_(a.T, b.T, alpha=self.scaling[name])
+        else:
+            weight.addmm_(b, a, alpha=self.scaling[name])
+
     def max_delta_bound(self, name: str) -> float:
         a = self.lora_A[name].weight.detach().float()
         b = self.lora_B[name].weight.detach().float()

@@ -138,7 +138,7 @@ class TiedTokensHead(AdapterWrapper):
             out = out.index_copy(-1, rows, picked.to(out.dtype))
         return out
 
-    def merge(self, names: tuple[str, ...], keep_original: bool = True) -> None:
+    def merge(self, names: tuple[str, ...], keep_original: bool = True, shared: bool = True) -> None:
         names = tuple(n for n in names if n not in self.merged_names)
         if not names:
             return
