@@ -109,7 +109,8 @@ def attach(
         if wrapper is not module:
             _replace_module(model, path, wrapper)
         wrapper.add_adapter(name, cfg, path, dtype=dtype, init=init)
-        wrapper.train(wrapper.base_layer.training)  # new layers (dropout) follow the model's train/eval mode
+        if not wrapper.base_layer.training:
+            wrapper.train(False)  # new layers (dropout) follow the model's eval mode; they are built in train mode
         state.wrappers[path] = wrapper
     memo: dict = {}
     for path, module in copies:
