@@ -4,6 +4,7 @@ Runs PEFT (the installed version) and adapterkit on the same scenario and prints
 sizes in MB, logit max-abs-diff against the unmerged in-memory model (fp32), or the error text. Nothing is asserted.
 
     python bench/guarantees.py [--model DIR] > bench/guarantees.md
+    python bench/guarantees.py --only report,fingerprint     # some row groups only (see --help)
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ from adapterkit import vocab
 NEW_TOKENS = 100
 TIED_TRAINED = ("lm_head.lora_B", "embed_tokens.lora_embedding_B", "modules_to_save")
 IDS_LEN = 12
+# --only names -> Bench methods, in table order
+GROUPS = {
+    "sizes": "sizes",
+    "resized": "resized_vocab",
+    "ties": "ties",
+    "peft-reads": "peft_reads_shared_copies",
+    "report": "report",
+    "fingerprint": "fingerprint",
+}
 
 
 def load_base(model_dir: Path):
@@ -267,6 +277,157 @@ class Bench:
             "<br>".join(ours),
         ))
 
+    # -- failures 4/5 (BRIEF): load reports, wrong base ---------------------------------------------------------------
+    def short(self, exc: BaseException, limit: int = 150) -> str:
+        """An error's text cut to `limit` characters, with the temporary folder abbreviated."""
+        text = " ".join(str(exc).split()).replace(str(self.tmp), "…").replace(str(self.model_dir), "<SmolLM2 dir>")
+        text = f"{type(exc).__name__}: {text}".replace("|", "/")
+        return text if len(text) <= limit else text[: limit - 1] + "…"
+
+    def report(self) -> None:
+        """A PEFT adapter with LoRA on embed_tokens (PEFT also saves the base embedding); then its base copy edited."""
+        import peft
+        from safetensors.torch import load_file, save_file
+
+        model = load_base(self.model_dir)
+        pm = quiet(peft.get_peft_model, model, peft.LoraConfig(
+            r=16, lora_alpha=32, target_modules=["q_proj", "v_proj", "embed_tokens"]))
+        train_like(trainable(pm, "lora_B", "lora_embedding_B"))
+        orig = self.dir("report-orig")
+        quiet(pm.save_pretrained, str(orig))
+        tensors = load_file(str(orig / "adapter_model.safetensors"))
+        base_keys = sorted(k for k in tensors if "lora_" not in k)
+        edited = self.dir("report-edited")
+        for f in orig.iterdir():
+            if f.name != "adapter_model.safetensors":
+                (edited / f.name).write_bytes(f.read_bytes())
+        gen = torch.Generator().manual_seed(1)
+        noise = {k: torch.randn(tensors[k].shape, generator=gen) * 0.01 for k in base_keys}
+        changed = {k: v + noise[k] if k in noise else v for k, v in tensors.items()}
+        save_file(changed, str(edited / "adapter_model.safetensors"), metadata={"format": "pt"})
+        key = base_keys[0] if base_keys else "(none)"
+        setup = (f"PEFT adapter, LoRA r=16 on q,v,embed_tokens; PEFT's file also holds the base embedding "
+                 f"(`{key}`, {len(base_keys)} base tensor(s) of {len(tensors)})")
+
+        def embed_change(fresh, before) -> str:
+            after = fresh.get_input_embeddings().weight if not hasattr(fresh.get_input_embeddings(), "base_layer") \
+                else fresh.get_input_embeddings().base_layer.weight
+            return f"{(after.detach() - before).abs().max().item():.2g}"
+
+        def peft_load(folder: Path) -> str:
+            fresh = load_base(self.model_dir)
+            before = fresh.get_input_embeddings().weight.detach().clone()
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    loaded = quiet(peft.PeftModel.from_pretrained, fresh, str(folder))
+                    # the unfiltered result of PEFT's loading function, on the one adapter ("default") just loaded
+                    raw = quiet(peft.set_peft_model_state_dict, loaded,
+                                load_file(str(folder / "adapter_model.safetensors")))
+                    # PEFT's public method, which filters that list (a second adapter, the same file)
+                    result = quiet(loaded.load_adapter, str(folder), adapter_name="again")
+                missing = list(result.missing_keys)
+                raw_missing = list(raw.missing_keys)
+                base_missing = [k for k in raw_missing if "lora_" not in k]
+                warned = [str(w.message) for w in caught if "missing" in str(w.message).lower()
+                          or "base" in str(w.message).lower()]
+                return (f"loaded, no error; base embedding max abs change {embed_change(loaded, before)}; "
+                        f"`load_adapter` result: {len(missing)} missing keys; `set_peft_model_state_dict` result: "
+                        f"{len(raw_missing)} missing keys, {len(base_missing)} of them base weights "
+                        f"(e.g. `{base_missing[0] if base_missing else '-'}`)"
+                        + (f"; warned: {warned[0][:80]}" if warned else "; no warning"))
+            except Exception as exc:  # noqa: BLE001
+                return self.short(exc)
+
+        def ak_load(folder: Path) -> str:
+            fresh = load_base(self.model_dir)
+            before = fresh.get_input_embeddings().weight.detach().clone()
+            try:
+                rep = ak.load(fresh, folder)
+                return (f"loaded; base embedding max abs change {embed_change(fresh, before)}; report: "
+                        f"{len(rep.applied)} applied, {len(rep.skipped)} identical-to-base skipped, "
+                        f"{len(rep.refused)} refused, {len(rep.unexpected)} unexpected, missing {len(rep.missing)}")
+            except ak.AdapterLoadError as exc:
+                return f"{self.short(exc, 200)}<br>base embedding max abs change {embed_change(fresh, before)}"
+            except Exception as exc:  # noqa: BLE001
+                return self.short(exc)
+
+        g = "Load report accounts for every tensor"
+        self.rows.append((g, setup + ", unmodified file", peft_load(orig), ak_load(orig)))
+        self.rows.append((g, setup + ", the base embedding in the file edited (+0.01 noise): a file that would "
+                          "overwrite a base weight", peft_load(edited), ak_load(edited)))
+
+    def fingerprint(self) -> None:
+        """An adapter saved on SmolLM2-135M, loaded onto other bases."""
+        import peft
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        kwargs = dict(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+        folders = {}
+        for side in ("peft", "ak"):
+            model = load_base(self.model_dir)
+            out = self.dir(f"fp-{side}")
+            if side == "peft":
+                pm = quiet(peft.get_peft_model, model, peft.LoraConfig(**kwargs))
+                train_like(trainable(pm, "lora_B"))
+                quiet(pm.save_pretrained, str(out))
+            else:
+                ak.attach(model, ak.LoraConfig(**kwargs))
+                train_like(trainable(model, "lora_B"))
+                ak.save(model, out)
+            folders[side] = out
+
+        def bf16():
+            return load_base(self.model_dir).to(torch.bfloat16)
+
+        def quant4():
+            model = load_base(self.model_dir)
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dim() == 2 and p.numel() % 64 == 0:
+                        g = p.view(-1, 64)
+                        scale = g.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 7
+                        g.copy_((g / scale).round().clamp(-7, 7) * scale)
+            return model
+
+        def random_init():
+            torch.manual_seed(0)
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.model_dir),
+                                                    dtype=torch.float32).eval()
+
+        def fewer_layers():
+            return quiet(AutoModelForCausalLM.from_pretrained, self.model_dir, dtype=torch.float32,
+                         num_hidden_layers=20).eval()
+
+        cases = [
+            ("(a) the same base cast to bf16", bf16),
+            ("(b) a 4-bit fake-quantized copy (absmax per group of 64)", quant4),
+            ("(c) same architecture, other weights (randomly initialised from the same config)", random_init),
+            ("(d) fewer layers (same weights, `num_hidden_layers=20` instead of 30)", fewer_layers),
+        ]
+        for setup, make in cases:
+            cells = []
+            for side in ("peft", "ak"):
+                target = make()
+                try:
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        if side == "peft":
+                            quiet(peft.PeftModel.from_pretrained, target, str(folders[side]))
+                            rep = None
+                        else:
+                            rep = ak.load(target, folders[side])
+                    texts = [" ".join(str(w.message).split()) for w in caught]
+                    relevant = [t for t in texts if any(w in t.lower() for w in ("key", "base", "missing", "differ"))]
+                    cell = "loaded, no error" + (f"; warned: {relevant[0][:120]}" if relevant else ", no warning")
+                    if rep is not None:
+                        cell = f"loaded; report.base_check: {rep.base_check[:120]}"
+                    cells.append(cell)
+                except Exception as exc:  # noqa: BLE001
+                    cells.append(self.short(exc, 200))
+            self.rows.append(("Wrong base detected", f"LoRA r=16 on q,v saved on SmolLM2-135M, loaded onto {setup}",
+                              *cells))
+
     def table(self) -> str:
         import peft
 
@@ -275,8 +436,8 @@ class Bench:
             "",
             f"Measured by `bench/guarantees.py` (PEFT {peft.__version__}, torch {torch.__version__}, fp32, CPU). "
             "Logit differences are against the same side's unmerged in-memory model; sizes are the adapter file. "
-            f"Logits reach |{getattr(self, 'logit_scale', 0.0):.0f}|, so a merged weight's fp32 rounding alone "
-            "accounts for differences up to about 1e-4.",
+            + (f"Logits reach |{self.logit_scale:.0f}|, so a merged weight's fp32 rounding alone "
+               "accounts for differences up to about 1e-4." if hasattr(self, "logit_scale") else ""),
             "",
             f"| Guarantee | Setup | PEFT {peft.__version__} | adapterkit |",
             "|---|---|---|---|",
@@ -288,7 +449,13 @@ class Bench:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a local transformers directory (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--only", help="comma-separated row groups to run (default: all): " + ", ".join(GROUPS))
+    parser.add_argument("--rows-only", action="store_true", help="print only the table rows, no header")
     args = parser.parse_args()
+    groups = args.only.split(",") if args.only else list(GROUPS)
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        parser.error(f"unknown row group(s) {unknown}; choose from {', '.join(GROUPS)}")
     if args.model:
         model_dir = Path(args.model)
     else:
@@ -297,11 +464,13 @@ def main() -> None:
         model_dir = Path(resolve_model(None).local_dir)
     torch.set_num_threads(min(4, torch.get_num_threads()))
     bench = Bench(model_dir)
-    bench.sizes()
-    bench.resized_vocab()
-    bench.ties()
-    bench.peft_reads_shared_copies()
-    print(bench.table(), end="")
+    for group in GROUPS:
+        if group in groups:
+            getattr(bench, GROUPS[group])()
+    table = bench.table()
+    if args.rows_only:  # for appending to an existing table
+        table = "".join(f"{line}\n" for line in table.splitlines() if line.startswith("| ") and "Guarantee" not in line)
+    print(table, end="")
 
 
 if __name__ == "__main__":
