@@ -212,12 +212,13 @@ def _check_mergeable(state: AdapterState, names: tuple[str, ...]) -> None:
             bound = wrapper.max_delta_bound(name)
             if bound < limit:
                 continue
-            if isinstance(wrapper, TrainableCopy) or not torch.isfinite(wrapper.delta_weight(name)).all():
+            delta = None if isinstance(wrapper, TrainableCopy) else wrapper.delta_weight(name)  # float32
+            if delta is None or not torch.isfinite(delta).all():
                 raise MergeError(
                     f"adapter {name!r} has a non-finite (NaN/Inf) update at {path!r}; merge refused and no weight "
                     "was changed. Check the training run (learning rate, loss scaling) that produced it."
                 )
-            if not torch.isfinite(wrapper.delta_weight(name).to(weight.dtype)).all():
+            if not torch.isfinite(delta.to(weight.dtype)).all():
                 raise MergeError(
                     f"adapter {name!r} at {path!r} overflows {weight.dtype} when merged; merge refused and no weight "
                     "was changed. Merge into a wider dtype (e.g. model.float())."

@@ -41,6 +41,12 @@ def _init_linear_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int
             nn.init.zeros_(b)
 
 
+def _product_bound(a: torch.Tensor, b: torch.Tensor, scaling: float) -> float:
+    """Upper bound on every entry of s * B @ A (A (r, n), B (m, r)): |sum_k B_ik A_kj| <= ||B_i,:|| ||A_:,j||."""
+    a, b = a.detach().float(), b.detach().float()
+    return float(b.norm(dim=1).max() * a.norm(dim=0).max() * abs(scaling))
+
+
 class _Factor(nn.Linear):
     """nn.Linear without its default init: LoRA factors are initialised by `_init_linear_pair` or filled by a load,
     so the kaiming init nn.Linear runs in its constructor would be wasted (it dominated `attach` on a 135M model)."""
@@ -125,9 +131,7 @@ class LoraLinear(AdapterWrapper):
             weight.addmm_(b, a, alpha=self.scaling[name])
 
     def max_delta_bound(self, name: str) -> float:
-        a = self.lora_A[name].weight.detach().float()
-        b = self.lora_B[name].weight.detach().float()
-        return float(b.norm(dim=1).max() * a.norm(dim=0).max() * abs(self.scaling[name]))
+        return _product_bound(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
 
     def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """PEFT's per-module tensor names (after `base_model.model.<path>.`) for this adapter."""
@@ -190,9 +194,7 @@ class LoraEmbedding(AdapterWrapper):
         return (b @ a).T * self.scaling[name]  # (num_embeddings, dim)
 
     def max_delta_bound(self, name: str) -> float:
-        a = self.lora_embedding_A[name].detach().float()
-        b = self.lora_embedding_B[name].detach().float()
-        return float(b.norm(dim=1).max() * a.norm(dim=0).max() * abs(self.scaling[name]))
+        return _product_bound(self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name])
 
     def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return {"lora_embedding_A": self.lora_embedding_A[name], "lora_embedding_B": self.lora_embedding_B[name]}
