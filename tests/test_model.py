@@ -202,3 +202,14 @@ def test_unload_merge_updates_untied_float32_weights_in_place_and_leaves_tied_em
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert model.config.tie_word_embeddings is False
     torch.testing.assert_close(logits(model, ids), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("extra", [{}, {"modules_to_save": ["lm_head"]}], ids=["lora", "lora+copy"])
+def test_attached_layers_take_the_models_mode(extra) -> None:
+    model = build("llama").eval()
+    ak.attach(model, ak.LoraConfig(target_modules=ATTN, lora_dropout=0.1, **extra))
+    assert not any(m.training for m in model.modules())
+    x = input_ids()
+    assert torch.equal(logits(model, x), logits(model, x))  # eval: dropout is off
+    model.train()
+    assert all(m.training for m in model.modules())

@@ -243,6 +243,8 @@ def _check_token_indices(value: Any) -> None:
 
 def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
     """PEFT's rank/alpha pattern rule: the first key K with `(.*\\.)?(K)$` matching the module path wins."""
+    if not patterns:
+        return default
     import re
 
     for key, value in patterns.items():

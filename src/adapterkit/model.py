@@ -61,7 +61,9 @@ def active_adapters(model: nn.Module) -> tuple[str, ...]:
 
 def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
+    parent = model
+    for part in parent_path.split(".") if parent_path else ():
+        parent = parent._modules[part]  # the path came from walking `_modules`; no attribute machinery needed
     setattr(parent, child, new)
 
 
@@ -99,18 +101,17 @@ def attach(
         cfg = cfg.replace(base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None)
 
     if state is None:
-        state = AdapterState(base_requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
-        model.__dict__[_STATE_ATTR] = state
-        for p in model.parameters():
+        state = AdapterState()
+        for pname, p in model.named_parameters():
+            state.base_requires_grad[pname] = p.requires_grad
             p.requires_grad_(False)
+        model.__dict__[_STATE_ATTR] = state
 
     for path, module in targets:
         wrapper = module if isinstance(module, AdapterWrapper) else lora.wrap(module)
         if wrapper is not module:
             _replace_module(model, path, wrapper)
-        wrapper.add_adapter(name, cfg, path, dtype=dtype, init=init)
-        if not wrapper.base_layer.training:
-            wrapper.train(False)  # new layers (dropout) follow the model's eval mode; they are built in train mode
+        wrapper.add_adapter(name, cfg, path, dtype=dtype, init=init)  # new layers take the base layer's train/eval mode
         state.wrappers[path] = wrapper
     memo: dict = {}
     for path, module in copies:
@@ -156,7 +157,8 @@ def _apply_activation(state: AdapterState) -> None:
         for adapter in wrapper.adapter_names:
             trainable = adapter in state.active and not state.configs[adapter].inference_mode
             for p in wrapper.adapter_parameters(adapter):
-                p.requires_grad_(trainable)
+                if p.requires_grad != trainable:
+                    p.requires_grad_(trainable)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ class TrainableCopy(AdapterWrapper):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.modules_to_save = nn.ModuleDict()
+        self.modules_to_save = self._container(nn.ModuleDict)
         # Hot path: the module forward runs. Kept out of `_modules` (set through __dict__), so it is not a second
         # registered child: no duplicate state-dict keys, no phantom tie between `_current` paths.
         self.__dict__["_current"] = base_layer

@@ -7,7 +7,7 @@ A string target is a regex `fullmatch` on the module path; a list matches an exa
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
@@ -27,16 +27,20 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """`named_modules`, but an adapter wrapper stands for its base layer: its insides are never candidates."""
+    """`named_modules` (same order, duplicates included), but an adapter wrapper stands for its base layer: its
+    insides are never candidates. Iterative, as it is walked several times per attach over ~1000 modules."""
     from .methods.base import AdapterWrapper
 
-    yield prefix, model
-    if isinstance(model, AdapterWrapper):
-        return
-    for child_name, child in model._modules.items():
-        if child is None:
+    stack = [(prefix, model)]
+    while stack:
+        path, module = stack.pop()
+        yield path, module
+        if isinstance(module, AdapterWrapper):
             continue
-        yield from iter_modules(child, f"{prefix}.{child_name}" if prefix else child_name)
+        children = [
+            (f"{path}.{name}" if path else name, child) for name, child in module._modules.items() if child is not None
+        ]
+        stack.extend(reversed(children))
 
 
 def base_of(module: nn.Module) -> nn.Module:
@@ -45,26 +49,25 @@ def base_of(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, AdapterWrapper) else module
 
 
-def output_head_path(model: nn.Module) -> str | None:
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head module (transformers' `get_output_embeddings`), or None."""
     get_out = getattr(model, "get_output_embeddings", None)
     if get_out is None:
         return None
     try:
-        head = get_out()
+        return get_out()
     except (AttributeError, NotImplementedError):
         return None
+
+
+def output_head_path(model: nn.Module) -> str | None:
+    head = output_head(model)
     if head is None:
         return None
     for name, module in iter_modules(model):
         if module is head or base_of(module) is head:
             return name
     return None
-
-
-def _matches_list_or_regex(spec: list[str] | str, key: str) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, key) is not None
-    return key in spec or any(key.endswith(f".{t}") for t in spec)
 
 
 def _in_list_or_suffix(targets: list[str], key: str) -> bool:
@@ -101,19 +104,33 @@ def matches_modules_to_save(cfg: LoraConfig, key: str) -> bool:
 
 def matches_target(cfg: LoraConfig, key: str) -> bool:
     """True when the module at `key` gets a LoRA adapter under `cfg` (targets already expanded)."""
-    if cfg.exclude_modules and _matches_list_or_regex(cfg.exclude_modules, key):
-        return False
-    if cfg.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in cfg.modules_to_save):
-        return False  # a module trained as a full copy never also gets LoRA
+    return target_matcher(cfg)(key)
+
+
+def target_matcher(cfg: LoraConfig) -> Callable[[str], bool]:
+    """`matches_target` for one config, with its patterns compiled once: it is asked of every module of the model."""
+    exclude = cfg.exclude_modules
+    exclude_regex = re.compile(exclude) if isinstance(exclude, str) else None
+    excluded = set(exclude or ()) if not isinstance(exclude, str) else set()
+    saved = [re.compile(rf"(^|.*\.){m}($|\..*)") for m in cfg.modules_to_save or ()]
     targets = cfg.target_modules
-    if targets is None:
-        return False
-    if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
-    wanted = set(targets)
-    if key in wanted:
-        return True  # named exactly: PEFT applies no layer filter to it
-    return _in_list_or_suffix(wanted, key) and _layer_selected(cfg, key)
+    target_regex = re.compile(targets) if isinstance(targets, str) else None
+    wanted = set(targets or ()) if not isinstance(targets, str) else set()
+
+    def matches(key: str) -> bool:
+        if exclude_regex is not None and exclude_regex.fullmatch(key):
+            return False
+        if excluded and _in_list_or_suffix(excluded, key):
+            return False
+        if any(regex.match(key) for regex in saved):
+            return False  # a module trained as a full copy never also gets LoRA
+        if target_regex is not None:
+            return target_regex.fullmatch(key) is not None
+        if key in wanted:
+            return True  # named exactly: PEFT applies no layer filter to it
+        return bool(wanted) and _in_list_or_suffix(wanted, key) and _layer_selected(cfg, key)
+
+    return matches
 
 
 def _layer_selected(cfg: LoraConfig, key: str) -> bool:
@@ -139,14 +156,15 @@ def expand_targets(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
             )
         return cfg.replace(target_modules=list(DEFAULT_TARGETS[model_type]))
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        head = output_head_path(model)
+        head = output_head(model)
         # Full paths, as PEFT saves them. PEFT applies no layer filter to a path named exactly, so the filter is
         # applied here, while expanding: the saved list then holds only the chosen layers and reloads the same.
-        names = sorted(
-            name
-            for name, module in iter_modules(model)
-            if name and name != head and is_linear(base_of(module)) and _layer_selected(cfg, name)
-        )
+        names = []
+        for name, module in iter_modules(model):
+            base = base_of(module)
+            if name and head not in (module, base) and is_linear(base) and _layer_selected(cfg, name):
+                names.append(name)
+        names.sort()
         return cfg.replace(target_modules=names)
     return cfg
 
@@ -155,9 +173,10 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module
     """The (path, module) pairs that get LoRA; raises TargetError when nothing matches or a match is not adaptable."""
     from .methods import lora
 
+    matches = target_matcher(cfg)
     found = []
     for name, module in iter_modules(model):
-        if name and matches_target(cfg, name):
+        if name and matches(name):
             base = base_of(module)
             if not lora.supports(base):
                 raise TargetError(

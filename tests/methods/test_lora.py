@@ -121,3 +121,40 @@ def test_max_delta_bound_is_an_upper_bound() -> None:
     with torch.no_grad():
         w.lora_B["default"].weight[0, 0] = float("nan")
     assert not math.isfinite(w.max_delta_bound("default"))
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear-fused", "conv1d-loop"])
+def test_dropout_applies_only_while_training(conv1d) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = Conv1D(8, 16) if conv1d else nn.Linear(16, 8)
+    w = lora.wrap(base)
+    w.add_adapter("default", LoraConfig(r=4, lora_alpha=4, lora_dropout=0.5, init_lora_weights=False), "layer")
+    w.set_active(("default",))
+    x = torch.randn(64, 16)
+    delta = w.delta_weight("default")
+    plain = x @ (base.weight + delta) + base.bias if conv1d else F.linear(x, base.weight + delta, base.bias)
+    w.eval()
+    torch.testing.assert_close(w(x), plain, atol=1e-5, rtol=0)
+    w.train()
+    out1, out2 = w(x), w(x)
+    assert not torch.allclose(out1, plain, atol=1e-3) and not torch.allclose(out1, out2, atol=1e-3)
+    # Dropout touches only the adapter branch: base output + s * B A (mask * x / (1 - p)) for some 0/1 mask.
+    base_out = base(x)
+    torch.manual_seed(1)
+    out = w(x)
+    torch.manual_seed(1)
+    a, b = w.lora_A["default"].weight, w.lora_B["default"].weight
+    dropped = F.dropout(x, 0.5, True)
+    torch.testing.assert_close(out, base_out + (dropped @ a.T @ b.T) * w.scaling["default"], atol=1e-5, rtol=0)
+
+
+def test_new_layers_follow_the_base_layers_mode() -> None:
+    for training in (False, True):
+        base = nn.Linear(8, 8).train(training)
+        w = lora.wrap(base)
+        w.add_adapter("default", LoraConfig(r=2), "layer")
+        assert {m.training for m in w.modules()} == {training}
+        w.train(not training)
+        assert {m.training for m in w.modules()} == {not training}

@@ -21,17 +21,34 @@ class AdapterWrapper(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.active_names: tuple[str, ...] = ()
-        self.merged_names: tuple[str, ...] = ()
-        # The base weight Parameter as it was before merging: unmerge puts this very object back, so the base is
-        # restored bit-exactly and any weight tying (shared Parameter) is restored with it.
-        self._unmerged_weight: nn.Parameter | None = None
+        self._set_plain(
+            training=base_layer.training,  # a new wrapper follows the mode of the layer it replaces
+            active_names=(),
+            merged_names=(),
+            # The base weight Parameter as it was before merging: unmerge puts this very object back, so the base is
+            # restored bit-exactly and any weight tying (shared Parameter) is restored with it. While merged it is a
+            # registered parameter of the wrapper, so `.to(device)` moves it with the rest of the model.
+            _unmerged_weight=None,
+        )
+
+    def _set_plain(self, **values: object) -> None:
+        """Set attributes that are neither parameters nor modules straight into `__dict__`.
+
+        nn.Module.__setattr__ checks every assignment against parameters, buffers and submodules; a wrapper is
+        built once per adapted layer (hundreds per model), and those checks were a large part of `attach`.
+        """
+        self.__dict__.update(values)
+
+    def _container(self, kind: type[nn.Module]) -> nn.Module:
+        """An empty nn.ModuleDict / nn.ParameterDict in this wrapper's train/eval mode."""
+        container = kind()
+        container.__dict__["training"] = self.training  # a plain flag: what Module.__setattr__ would do, minus checks
+        return container
 
     # -- adapters ---------------------------------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
-        container = getattr(self, self.adapter_containers[0])
-        return list(container.keys())
+        return list(self._modules[self.adapter_containers[0]].keys())  # containers are registered submodules
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged_names:

@@ -28,17 +28,24 @@ def wrap(module: nn.Module) -> AdapterWrapper:
     return LoraLinear(module)
 
 
-def _init_linear_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
+def _linear_pair(
+    r: int, n_in: int, n_out: int, init: bool | str, factory: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (r, n_in) and B (n_out, r) as PEFT starts them: A kaiming-uniform(a=sqrt(5)) (bound 1/sqrt(n_in)) or
+    normal(0, 1/r) for "gaussian"; B zero, or random like A when `init is False` (a non-zero adapter, for tests)."""
+    if init is None:  # filled by a load right after
+        return torch.empty(r, n_in, **factory), torch.empty(n_out, r, **factory)
     with torch.no_grad():
         if init == "gaussian":
-            nn.init.normal_(a, std=1 / r)
+            a = torch.empty(r, n_in, **factory).normal_(std=1 / r)
         else:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            bound = 1 / math.sqrt(n_in)
+            a = torch.empty(r, n_in, **factory).uniform_(-bound, bound)
         if init is False:
-            # A random, non-zero B (the nn.Linear default), so the adapter is not a no-op: used for tests.
-            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            b = torch.empty(n_out, r, **factory).uniform_(-1 / math.sqrt(r), 1 / math.sqrt(r))
         else:
-            nn.init.zeros_(b)
+            b = torch.zeros(n_out, r, **factory)
+    return a, b
 
 
 def _product_bound(a: torch.Tensor, b: torch.Tensor, scaling: float) -> float:
@@ -48,29 +55,44 @@ def _product_bound(a: torch.Tensor, b: torch.Tensor, scaling: float) -> float:
 
 
 class _Factor(nn.Linear):
-    """nn.Linear without its default init: LoRA factors are initialised by `_init_linear_pair` or filled by a load,
-    so the kaiming init nn.Linear runs in its constructor would be wasted (it dominated `attach` on a 135M model)."""
+    """A LoRA factor: an nn.Linear without bias around a ready weight, so `lora_A.<name>.weight` reads as in PEFT.
 
-    def reset_parameters(self) -> None:
-        pass
+    nn.Linear's own constructor (an empty weight, then its kaiming init, then attribute bookkeeping) is skipped: with
+    ~400 factors on a 135M model it dominated `attach`. The factors are built already initialised instead.
+    """
+
+    def __init__(self, weight: torch.Tensor, training: bool) -> None:
+        nn.Module.__init__(self)
+        out_features, in_features = weight.shape
+        self.__dict__.update(in_features=in_features, out_features=out_features, bias=None, training=training)
+        self.weight = nn.Parameter(weight)
 
 
 class LoraLinear(AdapterWrapper):
-    """LoRA around a linear layer. For Conv1D (weight stored (in, out)) the delta is transposed on merge only."""
+    """LoRA around a linear layer. For Conv1D (weight stored (in, out)) the delta is transposed on merge only.
 
-    adapter_containers = ("lora_A", "lora_B", "lora_dropout")
+    Dropout on the adapter's input is functional (`dropout_p[name]`, applied while the layer is training), so it
+    costs no module per adapter.
+    """
+
+    adapter_containers = ("lora_A", "lora_B")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = is_conv1d(base_layer)
         w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.scaling: dict[str, float] = {}
-        # Hot-path cache: ((A, B, dropout, scaling), ...) for the active, unmerged adapters.
-        self._active_lora: tuple[tuple[nn.Linear, nn.Linear, nn.Module, float], ...] = ()
+        fan_in_fan_out = is_conv1d(base_layer)
+        in_features, out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+        self._set_plain(
+            fan_in_fan_out=fan_in_fan_out,
+            in_features=in_features,
+            out_features=out_features,
+            scaling={},
+            dropout_p={},
+            # Hot-path cache: ((A, B, dropout p, scaling), ...) for the active, unmerged adapters.
+            _active_lora=(),
+        )
+        self.lora_A = self._container(nn.ModuleDict)
+        self.lora_B = self._container(nn.ModuleDict)
 
     def add_adapter(
         self, name: str, cfg: LoraConfig, path: str, *, dtype: torch.dtype | None = None, init: bool = True
@@ -78,18 +100,22 @@ class LoraLinear(AdapterWrapper):
         r = cfg.rank_for(path)
         w = self.base_layer.weight
         factory = {"device": w.device, "dtype": dtype or w.dtype}
-        a = _Factor(self.in_features, r, bias=False, **factory)
-        b = _Factor(r, self.out_features, bias=False, **factory)
-        if init:
-            _init_linear_pair(a.weight, b.weight, cfg.init_lora_weights, r)
-        self.lora_A[name] = a
-        self.lora_B[name] = b
-        self.lora_dropout[name] = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+        a, b = _linear_pair(r, self.in_features, self.out_features, cfg.init_lora_weights if init else None, factory)
+        self.lora_A[name] = _Factor(a, self.training)
+        self.lora_B[name] = _Factor(b, self.training)
+        self.dropout_p[name] = float(cfg.lora_dropout)
         self.scaling[name] = cfg.scaling_for(path)
+
+    def remove_adapter(self, name: str) -> None:
+        super().remove_adapter(name)
+        self.dropout_p.pop(name, None)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [self.lora_A[name].weight, self.lora_B[name].weight] if name in self.lora_A else []
 
     def _refresh(self) -> None:
         self._active_lora = tuple(
-            (self.lora_A[n], self.lora_B[n], self.lora_dropout[n], self.scaling[n])
+            (self.lora_A[n], self.lora_B[n], self.dropout_p[n], self.scaling[n])
             for n in self.active_names
             if n not in self.merged_names
         )
@@ -100,12 +126,13 @@ class LoraLinear(AdapterWrapper):
         if len(active) == 1 and type(base) is nn.Linear and not args and not kwargs:
             # One unmerged adapter on a plain nn.Linear: the fused kernel (one autograd node, rank-r update added in
             # place, only x saved). Conv1D, subclasses (quantized layers) and several adapters take the loop below.
-            lora_a, lora_b, dropout, scaling = active[0]
-            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-            return lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, scaling, p, dropout.training)
+            lora_a, lora_b, p, scaling = active[0]
+            return lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, scaling, p, self.training)
         out = base(x, *args, **kwargs)
-        for lora_a, lora_b, dropout, scaling in self._active_lora:
-            h = dropout(x.to(lora_a.weight.dtype))  # (..., in)
+        for lora_a, lora_b, p, scaling in active:
+            h = x.to(lora_a.weight.dtype)  # (..., in)
+            if p and self.training:
+                h = F.dropout(h, p, True)
             out = out + (lora_b(lora_a(h)) * scaling).to(out.dtype)  # (..., r) -> (..., out)
         return out
 
@@ -149,8 +176,8 @@ class LoraEmbedding(AdapterWrapper):
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
         self.num_embeddings, self.embedding_dim = base_layer.weight.shape
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_embedding_A = self._container(nn.ParameterDict)
+        self.lora_embedding_B = self._container(nn.ParameterDict)
         self.scaling: dict[str, float] = {}
         self._active_lora: tuple[tuple[nn.Parameter, nn.Parameter, float], ...] = ()
 

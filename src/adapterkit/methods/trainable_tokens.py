@@ -24,7 +24,7 @@ class TrainableTokens(AdapterWrapper):
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
         self.num_embeddings, self.embedding_dim = base_layer.weight.shape
-        self.trainable_tokens_delta = nn.ParameterDict()
+        self.trainable_tokens_delta = self._container(nn.ParameterDict)
         self.token_indices: dict[str, list[int]] = {}
         # Hot path: ((slot_of_token (num_embeddings,) long, -1 = not trained), values (k, dim)) per active adapter.
         self._active_tokens: tuple[tuple[torch.Tensor, nn.Parameter], ...] = ()
