@@ -108,7 +108,12 @@ def test_targeted_modules_are_wrapped_in_place() -> None:
     q = model.model.layers[0].self_attn.q_proj
     ak.attach(model, ak.LoraConfig(target_modules=["q_proj"]))
     wrapper = model.model.layers[0].self_attn.q_proj
-    assert wrapper.base_layer is q and isinstance(wrapper.lora_A["default"], torch.nn.Linear)
+    assert wrapper.base_layer is q
+    factor = wrapper.lora_A["default"]
+    assert factor.weight.shape == (8, q.in_features) and (factor.in_features, factor.out_features) == (q.in_features, 8)
+    # A factor is not an nn.Linear: scans of the model for linear layers (quantizers, "all-linear") must skip it.
+    assert not isinstance(factor, torch.nn.Linear)
+    assert not any(isinstance(m, torch.nn.Linear) for m in wrapper.lora_B.modules())
 
 
 def test_exact_name_bypasses_the_layer_filter() -> None:

@@ -20,7 +20,7 @@ from .methods import lora
 from .methods.base import AdapterWrapper
 from .methods.trainable_tokens import TiedTokensHead, TrainableTokens
 from .modules_to_save import TrainableCopy
-from .targeting import expand_targets, find_modules_to_save, find_targets, find_token_targets, is_conv1d
+from .targeting import expand_targets, find_modules_to_save, find_targets, find_token_targets, is_conv1d, iter_modules
 
 _STATE_ATTR = "_adapterkit"
 
@@ -87,8 +87,9 @@ def attach(
     state = adapter_state(model)
     if state is not None and name in state.configs:
         raise ConfigError(f"an adapter named {name!r} is already attached; delete it first or choose another name.")
-    cfg = expand_targets(model, config)
-    targets = find_targets(model, cfg)
+    modules = list(iter_modules(model))  # one walk of the model, shared by the target searches
+    cfg = expand_targets(model, config, modules)
+    targets = find_targets(model, cfg, modules)
     copies = find_modules_to_save(model, cfg)
     tokens = find_token_targets(model, cfg, {p for p, _ in targets} | {p for p, _ in copies})
     if not targets and not copies and not tokens:
@@ -152,10 +153,11 @@ def set_active(model: nn.Module, names: str | list[str] | tuple[str, ...]) -> No
 
 def _apply_activation(state: AdapterState) -> None:
     live = () if state.disabled else state.active
+    trainable_names = {n for n in state.active if not state.configs[n].inference_mode}
     for wrapper in state.wrappers.values():
         wrapper.set_active(live)
         for adapter in wrapper.adapter_names:
-            trainable = adapter in state.active and not state.configs[adapter].inference_mode
+            trainable = adapter in trainable_names
             for p in wrapper.adapter_parameters(adapter):
                 if p.requires_grad != trainable:
                     p.requires_grad_(trainable)

@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import DEFAULT_TARGETS, LoraConfig
 from .errors import TargetError
+from .methods.base import AdapterWrapper
 
 ALL_LINEAR = "all-linear"
 
@@ -29,8 +30,6 @@ def is_linear(module: nn.Module) -> bool:
 def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """`named_modules` (same order, duplicates included), but an adapter wrapper stands for its base layer: its
     insides are never candidates. Iterative, as it is walked several times per attach over ~1000 modules."""
-    from .methods.base import AdapterWrapper
-
     stack = [(prefix, model)]
     while stack:
         path, module = stack.pop()
@@ -44,8 +43,6 @@ def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
 
 
 def base_of(module: nn.Module) -> nn.Module:
-    from .methods.base import AdapterWrapper
-
     return module.base_layer if isinstance(module, AdapterWrapper) else module
 
 
@@ -144,8 +141,13 @@ def _layer_selected(cfg: LoraConfig, key: str) -> bool:
     return index == wanted if isinstance(wanted, int) else index in wanted
 
 
-def expand_targets(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
-    """Resolve `all-linear` and a missing `target_modules` into the explicit form that is saved in the file."""
+def expand_targets(
+    model: nn.Module, cfg: LoraConfig, modules: list[tuple[str, nn.Module]] | None = None
+) -> LoraConfig:
+    """Resolve `all-linear` and a missing `target_modules` into the explicit form that is saved in the file.
+
+    `modules`: `list(iter_modules(model))` when the caller already has it.
+    """
     targets = cfg.target_modules
     if targets is None and not cfg.modules_to_save:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -160,7 +162,7 @@ def expand_targets(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
         # Full paths, as PEFT saves them. PEFT applies no layer filter to a path named exactly, so the filter is
         # applied here, while expanding: the saved list then holds only the chosen layers and reloads the same.
         names = []
-        for name, module in iter_modules(model):
+        for name, module in modules if modules is not None else iter_modules(model):
             base = base_of(module)
             if name and head not in (module, base) and is_linear(base) and _layer_selected(cfg, name):
                 names.append(name)
@@ -169,13 +171,18 @@ def expand_targets(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
     return cfg
 
 
-def find_targets(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module]]:
-    """The (path, module) pairs that get LoRA; raises TargetError when nothing matches or a match is not adaptable."""
+def find_targets(
+    model: nn.Module, cfg: LoraConfig, modules: list[tuple[str, nn.Module]] | None = None
+) -> list[tuple[str, nn.Module]]:
+    """The (path, module) pairs that get LoRA; raises TargetError when nothing matches or a match is not adaptable.
+
+    `modules`: `list(iter_modules(model))` when the caller already has it.
+    """
     from .methods import lora
 
     matches = target_matcher(cfg)
     found = []
-    for name, module in iter_modules(model):
+    for name, module in modules if modules is not None else iter_modules(model):
         if name and matches(name):
             base = base_of(module)
             if not lora.supports(base):
@@ -195,8 +202,6 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module
 def find_modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module]]:
     if not cfg.modules_to_save:
         return []
-    from .methods.base import AdapterWrapper
-
     found: list[tuple[str, nn.Module]] = []
     for name, module in iter_modules(model):
         if not name or not matches_modules_to_save(cfg, name):
@@ -227,7 +232,6 @@ def find_token_targets(
     if spec is None:
         return []
     from .methods import lora
-    from .methods.base import AdapterWrapper
     from .methods.trainable_tokens import TiedTokensHead
     from .modules_to_save import TrainableCopy
     from .vocab import embeddings

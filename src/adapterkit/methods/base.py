@@ -61,7 +61,8 @@ class AdapterWrapper(nn.Module):
         self.set_active(tuple(n for n in self.active_names if n != name))
 
     def set_active(self, names: tuple[str, ...]) -> None:
-        self.active_names = tuple(n for n in names if n in self.adapter_names)
+        present = self.adapter_names
+        self._set_plain(active_names=tuple(n for n in names if n in present))
         self._refresh()
 
     def _refresh(self) -> None:

@@ -35,16 +35,16 @@ def _linear_pair(
     normal(0, 1/r) for "gaussian"; B zero, or random like A when `init is False` (a non-zero adapter, for tests)."""
     if init is None:  # filled by a load right after
         return torch.empty(r, n_in, **factory), torch.empty(n_out, r, **factory)
-    with torch.no_grad():
-        if init == "gaussian":
-            a = torch.empty(r, n_in, **factory).normal_(std=1 / r)
-        else:
-            bound = 1 / math.sqrt(n_in)
-            a = torch.empty(r, n_in, **factory).uniform_(-bound, bound)
-        if init is False:
-            b = torch.empty(n_out, r, **factory).uniform_(-1 / math.sqrt(r), 1 / math.sqrt(r))
-        else:
-            b = torch.zeros(n_out, r, **factory)
+    # Fresh tensors that do not require grad: no autograd context is needed to fill them.
+    if init == "gaussian":
+        a = torch.empty(r, n_in, **factory).normal_(std=1 / r)
+    else:
+        bound = 1 / math.sqrt(n_in)
+        a = torch.empty(r, n_in, **factory).uniform_(-bound, bound)
+    if init is False:
+        b = torch.empty(n_out, r, **factory).uniform_(-1 / math.sqrt(r), 1 / math.sqrt(r))
+    else:
+        b = torch.zeros(n_out, r, **factory)
     return a, b
 
 
@@ -54,18 +54,25 @@ def _product_bound(a: torch.Tensor, b: torch.Tensor, scaling: float) -> float:
     return float(b.norm(dim=1).max() * a.norm(dim=0).max() * abs(scaling))
 
 
-class _Factor(nn.Linear):
-    """A LoRA factor: an nn.Linear without bias around a ready weight, so `lora_A.<name>.weight` reads as in PEFT.
+class _Factor(nn.Module):
+    """One LoRA factor: a bias-free linear map around a ready weight, so `lora_A.<name>.weight` reads as in PEFT.
 
-    nn.Linear's own constructor (an empty weight, then its kaiming init, then attribute bookkeeping) is skipped: with
-    ~400 factors on a 135M model it dominated `attach`. The factors are built already initialised instead.
+    Not an nn.Linear: that constructor would allocate and kaiming-initialise a weight only for it to be replaced (with
+    ~400 factors on a 135M model this dominated `attach`), and code that scans a model for nn.Linear layers (to
+    quantize or target them) should not mistake a factor for a layer of the model.
     """
 
     def __init__(self, weight: torch.Tensor, training: bool) -> None:
-        nn.Module.__init__(self)
+        super().__init__()
         out_features, in_features = weight.shape
-        self.__dict__.update(in_features=in_features, out_features=out_features, bias=None, training=training)
+        self.__dict__.update(in_features=in_features, out_features=out_features, training=training)
         self.weight = nn.Parameter(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
 class LoraLinear(AdapterWrapper):
@@ -98,7 +105,7 @@ class LoraLinear(AdapterWrapper):
         self, name: str, cfg: LoraConfig, path: str, *, dtype: torch.dtype | None = None, init: bool = True
     ) -> None:
         r = cfg.rank_for(path)
-        w = self.base_layer.weight
+        w = self._modules["base_layer"].weight
         factory = {"device": w.device, "dtype": dtype or w.dtype}
         a, b = _linear_pair(r, self.in_features, self.out_features, cfg.init_lora_weights if init else None, factory)
         self.lora_A[name] = _Factor(a, self.training)
@@ -111,14 +118,22 @@ class LoraLinear(AdapterWrapper):
         self.dropout_p.pop(name, None)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        return [self.lora_A[name].weight, self.lora_B[name].weight] if name in self.lora_A else []
+        factors = self._factors(name)
+        return [f._parameters["weight"] for f in factors] if factors else []
+
+    def _factors(self, name: str) -> tuple[_Factor, _Factor] | None:
+        """(A, B) modules of adapter `name`, read from the registered containers without attribute lookups (this is
+        asked for every layer of the model on each activation change)."""
+        lora_a = self._modules["lora_A"]._modules.get(name)
+        return None if lora_a is None else (lora_a, self._modules["lora_B"]._modules[name])
 
     def _refresh(self) -> None:
-        self._active_lora = tuple(
-            (self.lora_A[n], self.lora_B[n], self.dropout_p[n], self.scaling[n])
+        active = tuple(
+            (*self._factors(n), self.dropout_p[n], self.scaling[n])
             for n in self.active_names
             if n not in self.merged_names
         )
+        self._set_plain(_active_lora=active)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         active = self._active_lora
