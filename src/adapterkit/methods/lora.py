@@ -66,7 +66,7 @@ class _Factor(nn.Module):
         super().__init__()
         out_features, in_features = weight.shape
         self.__dict__.update(in_features=in_features, out_features=out_features, training=training)
-        self.weight = nn.Parameter(weight)
+        self.register_parameter("weight", nn.Parameter(weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
