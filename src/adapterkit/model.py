@@ -20,7 +20,15 @@ from .methods import lora
 from .methods.base import AdapterWrapper
 from .methods.trainable_tokens import TiedTokensHead, TrainableTokens
 from .modules_to_save import TrainableCopy
-from .targeting import expand_targets, find_modules_to_save, find_targets, find_token_targets, is_conv1d, iter_modules
+from .targeting import (
+    base_of,
+    expand_targets,
+    find_modules_to_save,
+    find_targets,
+    find_token_targets,
+    is_conv1d,
+    iter_modules,
+)
 
 _STATE_ATTR = "_adapterkit"
 
@@ -96,7 +104,7 @@ def attach(
         raise TargetError(
             "the config targets no module: set target_modules, modules_to_save or trainable_token_indices."
         )
-    if any(is_conv1d(getattr(m, "base_layer", m)) for _, m in targets):
+    if any(is_conv1d(base_of(m)) for _, m in targets):
         cfg = cfg.replace(fan_in_fan_out=True)  # recorded in the file as PEFT does; handled per layer
     if cfg.base_model_name_or_path is None:
         cfg = cfg.replace(base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None)
