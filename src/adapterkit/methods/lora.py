@@ -29,11 +29,12 @@ def wrap(module: nn.Module) -> AdapterWrapper:
 
 
 def _linear_pair(
-    r: int, n_in: int, n_out: int, init: bool | str, factory: dict
+    r: int, n_in: int, n_out: int, init: bool | str | None, factory: dict
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A (r, n_in) and B (n_out, r) as PEFT starts them: A kaiming-uniform(a=sqrt(5)) (bound 1/sqrt(n_in)) or
-    normal(0, 1/r) for "gaussian"; B zero, or random like A when `init is False` (a non-zero adapter, for tests)."""
-    if init is None:  # filled by a load right after
+    normal(0, 1/r) for "gaussian"; B zero, or random like A when `init is False` (a non-zero adapter, for tests);
+    `init is None`: both left uninitialised, for a load that fills them."""
+    if init is None:
         return torch.empty(r, n_in, **factory), torch.empty(n_out, r, **factory)
     # Fresh tensors that do not require grad: no autograd context is needed to fill them.
     if init == "gaussian":
