@@ -462,7 +462,7 @@ def main() -> None:
     if args.model:
         model_dir = Path(args.model)
     else:
-        from adapterkit.models import resolve_model
+        from adapterkit.base_models import resolve_model
 
         model_dir = Path(resolve_model(None).local_dir)
     torch.set_num_threads(min(4, torch.get_num_threads()))

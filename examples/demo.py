@@ -24,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from adapterkit.cli.main import main as adapterkit  # noqa: E402
-from adapterkit.data import DEMO_PROMPTS, HELD_OUT_PROMPTS  # noqa: E402
+from adapterkit.training_data import DEMO_PROMPTS, HELD_OUT_PROMPTS  # noqa: E402
 
 OUT = Path(os.environ.get("ADAPTERKIT_DEMO_DIR", "demo-out"))
 TRAIN_SECONDS = float(os.environ.get("ADAPTERKIT_DEMO_SECONDS", "100"))
@@ -70,7 +70,7 @@ for p in prompts:
 # The reference: base + adapter through adapterkit, teacher-forced on the merged model's answers. Its greedy choice
 # at every answer position must be the merged model's token, and its logits the same.
 import adapterkit as ak
-from adapterkit.models import load_model
+from adapterkit.base_models import load_model
 base, _, _ = load_model()
 ak.load(base, adapter_dir)
 worst, same = 0.0, 0

@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from adapterkit.data import DEMO_PROMPTS, HELD_OUT_PROMPTS, UNRELATED_PROMPTS  # noqa: E402
+from adapterkit.training_data import DEMO_PROMPTS, HELD_OUT_PROMPTS, UNRELATED_PROMPTS  # noqa: E402
 
 SEED = 7
 PER_FACT = 25  # questions per fact; 13 facts -> 325 chats

@@ -29,7 +29,7 @@ def smollm2_dir(request, tmp_path_factory):
     """
     from pathlib import Path
 
-    from adapterkit.models import resolve_model
+    from adapterkit.base_models import resolve_model
 
     if os.environ.get("ADAPTERKIT_CACHE"):
         cache = Path(os.environ["ADAPTERKIT_CACHE"])

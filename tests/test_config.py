@@ -8,7 +8,7 @@ import math
 import pytest
 
 import adapterkit as ak
-from adapterkit.config import LoraConfig
+from adapterkit import LoraConfig
 
 peft = pytest.importorskip("peft")
 
@@ -58,7 +58,7 @@ def test_unknown_future_keys_are_kept(tmp_path) -> None:
     assert cfg.to_dict()["shiny_new_option"] == 3  # written back unchanged
 
 
-@pytest.mark.parametrize("key, value", [("use_dora", True), ("loftq_config", {"loftq_bits": 4}),
+@pytest.mark.parametrize("key, value", [("use_qalora", True), ("loftq_config", {"loftq_bits": 4}),
                                         ("layer_replication", [[0, 2]]), ("lora_bias", True)])
 def test_unsupported_feature_in_json_is_refused(key, value) -> None:
     data = LoraConfig(target_modules=["q_proj"]).to_dict() | {key: value}
@@ -67,7 +67,7 @@ def test_unsupported_feature_in_json_is_refused(key, value) -> None:
 
 
 @pytest.mark.parametrize("kwargs, named", [
-    ({"use_dora": True}, "use_dora"), ({"r": 0}, "r must"), ({"lora_dropout": 1.0}, "lora_dropout"),
+    ({"lora_bias": True}, "lora_bias"), ({"r": 0}, "r must"), ({"lora_dropout": 1.0}, "lora_dropout"),
     ({"bias": "all"}, "bias"), ({"init_lora_weights": "pissa"}, "init_lora_weights"),
     ({"layers_pattern": "layers"}, "layers_pattern"), ({"peft_type": "IA3"}, "peft_type"),
 ])

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 import adapterkit as ak
+from adapterkit.state import adapter_state
 from helpers import assert_state_equal, build, input_ids, logits, perturb
 
 peft = pytest.importorskip("peft")
@@ -115,10 +116,10 @@ def test_round_trip_both_directions(arch: str, case: str, tmp_path) -> None:
 
 def _copy_keys(model: torch.nn.Module) -> set[str]:
     """Plain-model parameter names of the modules_to_save copies (saved under the module's own key, as PEFT does)."""
-    state = ak.model.adapter_state(model)
+    state = adapter_state(model)
     out = set()
     for path, wrapper in state.wrappers.items():
-        if isinstance(wrapper, ak.modules_to_save.TrainableCopy):
+        if wrapper.method == "modules_to_save":
             out |= {f"{path}.{k}" for k in wrapper.base_layer.state_dict()}
     return out
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import adapterkit as ak
-from adapterkit.model import adapter_state
-from adapterkit.targeting import expand_targets, matches_target
+from adapterkit.state import adapter_state
+from adapterkit.targeting import expand_targets, target_matcher
 from helpers import assert_unchanged, build, snapshot
 
 peft = pytest.importorskip("peft")
@@ -47,17 +47,17 @@ def test_same_targets_as_peft(arch, kwargs) -> None:
 
 def test_list_is_exact_or_dot_suffix() -> None:
     cfg = ak.LoraConfig(target_modules=["q_proj", "model.norm"])
-    assert matches_target(cfg, "model.layers.0.self_attn.q_proj")
-    assert matches_target(cfg, "q_proj")
-    assert not matches_target(cfg, "model.layers.0.self_attn.xq_proj")
-    assert matches_target(cfg, "model.norm")
-    assert not matches_target(cfg, "model.layers.0.q_proj.inner")
+    assert target_matcher(cfg)("model.layers.0.self_attn.q_proj")
+    assert target_matcher(cfg)("q_proj")
+    assert not target_matcher(cfg)("model.layers.0.self_attn.xq_proj")
+    assert target_matcher(cfg)("model.norm")
+    assert not target_matcher(cfg)("model.layers.0.q_proj.inner")
 
 
 def test_string_is_regex_fullmatch() -> None:
     cfg = ak.LoraConfig(target_modules="q_proj")
-    assert not matches_target(cfg, "model.layers.0.self_attn.q_proj")  # fullmatch, not search
-    assert matches_target(ak.LoraConfig(target_modules=r".*q_proj"), "model.layers.0.self_attn.q_proj")
+    assert not target_matcher(cfg)("model.layers.0.self_attn.q_proj")  # fullmatch, not search
+    assert target_matcher(ak.LoraConfig(target_modules=r".*q_proj"))("model.layers.0.self_attn.q_proj")
 
 
 def test_all_linear_is_expanded_and_skips_the_head() -> None:

@@ -8,9 +8,11 @@
 
 from . import vocab  # adapterkit.vocab.add_tokens / find_ties
 from .checkpoint import LoadReport, load, save
-from .config import LoraConfig
+from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
-from .model import (
+from .methods import METHODS, Method, register
+from .methods.lora_config import LoraConfig
+from .verbs import (
     active_adapters,
     adapters,
     attach,
@@ -27,6 +29,8 @@ from .model import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "METHODS",
+    "AdapterConfig",
     "AdapterError",
     "AdapterLoadError",
     "AdapterSaveError",
@@ -34,6 +38,7 @@ __all__ = [
     "LoadReport",
     "LoraConfig",
     "MergeError",
+    "Method",
     "TargetError",
     "active_adapters",
     "adapters",
@@ -43,6 +48,7 @@ __all__ = [
     "disabled",
     "load",
     "merge",
+    "register",
     "save",
     "set_active",
     "trainable_parameters",

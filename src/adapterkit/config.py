@@ -1,7 +1,12 @@
-"""Adapter method configurations: dataclasses with PEFT's JSON keys and defaults.
+"""The configuration every adapter method shares: targeting fields, PEFT's bookkeeping keys, checked types, JSON.
 
-`LoraConfig` reads and writes `adapter_config.json` exactly as PEFT names its fields, keeps keys from newer PEFT
-versions it does not know (and reports them), and refuses features it does not implement instead of ignoring them.
+`AdapterConfig` holds what PEFT's configs have in common (`target_modules`, `exclude_modules`, `modules_to_save`,
+`layers_to_transform`, `task_type`, ...). Each method subclasses it in its own file in `methods/` with PEFT's keys and
+defaults, and names each field's JSON type in `FIELD_TYPES`; values are checked against them, never coerced (a string
+is not a bool, "16" is not a number). Keys of a newer PEFT are kept and written back; known features adapterkit does
+not implement are refused (`UNSUPPORTED_WHEN_SET`), since ignoring them would give other outputs.
+
+Which `peft_type` maps to which subclass is the method table's business (`methods/__init__.py`), not this file's.
 """
 
 from __future__ import annotations
@@ -10,34 +15,20 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import ConfigError
 
-# Keys PEFT may write whose feature adapterkit does not implement. A file that uses one (value differs from PEFT's
-# default) is refused: loading it while ignoring the feature would give silently different outputs.
-_UNSUPPORTED_WHEN_SET: dict[str, Any] = {
-    "layer_replication": None,
-    "loftq_config": {},
-    "eva_config": None,
-    "corda_config": None,
-    "lora_ga_config": None,
-    "velora_config": None,
-    "alora_invocation_tokens": None,
-    "use_qalora": False,
-    "monteclora_config": None,
-    "target_parameters": None,
-    "use_bdlora": None,
-    "arrow_config": None,
-    "kasa_config": None,
-    "megatron_config": None,
-}
+# Bounds no real adapter reaches, so a damaged or hostile file is refused before anything is allocated.
+MAX_RANK = 16384
+MAX_PATTERN_CHARS = 10_000  # one regex or module name
+MAX_LIST_ITEMS = 200_000  # target names, token indices, pattern entries
+MAX_CONFIG_BYTES = 16 * 2**20  # an adapter_config.json
+MAX_JSON_DEPTH = 32
 
-# PEFT keys that carry no behaviour for adapterkit; they are accepted with any value and written back unchanged.
-_PASSTHROUGH_KEYS = {"megatron_core", "qalora_group_size", "auto_mapping", "peft_version", "runtime_config"}
-
-# Default `target_modules` per `config.model_type` when the user gives none (the same choices PEFT makes).
+# Default `target_modules` per `config.model_type` when the user gives none (the same choices PEFT makes for LoRA).
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
@@ -62,36 +53,79 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "stablelm": ["q_proj", "v_proj"],
 }
 
-INIT_CHOICES = (True, False, "gaussian")
+# -- field types ---------------------------------------------------------------------------------------------------
+# The JSON shapes PEFT writes. Each name is checked by `_TYPE_CHECKS`; "?" at the end admits None.
+_NUMBER = (int, float)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, _NUMBER) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, (list, tuple, set)) and len(v) <= MAX_LIST_ITEMS and all(isinstance(s, str) for s in v)
+
+
+def _is_int_list(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) <= MAX_LIST_ITEMS and all(_is_int(i) for i in v)
+
+
+_TYPE_CHECKS: dict[str, tuple[Any, str]] = {
+    "int": (_is_int, "an integer"),
+    "number": (_is_number, "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str_list": (_is_str_list, "a list of strings"),
+    "str_or_list": (lambda v: isinstance(v, str) or _is_str_list(v), "a string (regex) or a list of strings"),
+    "int_or_list": (lambda v: _is_int(v) or _is_int_list(v), "an integer or a list of integers"),
+    "dict": (lambda v: isinstance(v, dict), "an object"),
+    "any": (lambda v: True, "anything"),
+}
+
+
+def check_type(owner: str, key: str, value: Any, kind: str) -> None:
+    """Raise ConfigError unless `value` has the JSON shape `kind` (see _TYPE_CHECKS; a trailing '?' admits None)."""
+    optional = kind.endswith("?")
+    base = kind.rstrip("?")
+    if value is None and optional:
+        return
+    test, wanted = _TYPE_CHECKS[base]
+    if not test(value):
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise ConfigError(
+            f"{owner}: {key} must be {wanted}{' or null' if optional else ''}, got {shown} ({type(value).__name__})."
+        )
+
+
+def check_pattern(owner: str, key: str, text: str) -> re.Pattern:
+    """Compile a regex from a config, refusing oversized or invalid ones with a message naming the key."""
+    if len(text) > MAX_PATTERN_CHARS:
+        raise ConfigError(
+            f"{owner}: {key} is a regex of {len(text):,} characters; adapterkit accepts up to {MAX_PATTERN_CHARS:,}. "
+            "Use a list of module names instead."
+        )
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise ConfigError(f"{owner}: {key} {text[:60]!r} is not a valid regular expression ({exc}).") from exc
 
 
 @dataclass
-class LoraConfig:
-    """LoRA (Hu et al., 2021): W x + (alpha / r) * B A x, with A (r, in) and B (out, r).
+class AdapterConfig:
+    """Fields every PEFT adapter config has. Subclasses add their method's fields, with PEFT's names and defaults."""
 
-    Field names, meanings and defaults are PEFT's, so `adapter_config.json` is interchangeable.
-    """
-
-    r: int = 8  # rank of the update
-    lora_alpha: float = 8  # scaling numerator: scale = lora_alpha / r (or / sqrt(r) with use_rslora)
-    lora_dropout: float = 0.0  # dropout on the adapter's input (training only)
     target_modules: list[str] | str | None = None  # list: exact path or ".name" suffix; str: regex fullmatch
     exclude_modules: list[str] | str | None = None  # same matching rules, applied first
-    fan_in_fan_out: bool = False  # base stores weight as (in, out) (HF Conv1D); set automatically for Conv1D
-    bias: str = "none"  # only "none" is supported: base biases stay frozen
-    use_rslora: bool = False  # rank-stabilised scaling lora_alpha / sqrt(r)
     modules_to_save: list[str] | None = None  # whole modules trained and saved as full copies
-    init_lora_weights: bool | str = True  # True: B = 0 (no-op at start); "gaussian"; False: random non-zero B
     layers_to_transform: list[int] | int | None = None  # only these layer indices
     layers_pattern: list[str] | str | None = None  # name of the layer list, e.g. "layers" or "h"
-    rank_pattern: dict[str, int] = field(default_factory=dict)  # per-module rank overrides (regex keys)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)  # per-module alpha overrides (regex keys)
-    trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # rows of the embedding to train
-    use_dora: bool = False  # weight-decomposed LoRA: not implemented yet, refused when True
-    lora_bias: bool = False  # a trainable bias on lora_B: not implemented yet, refused when True
-    ensure_weight_tying: bool = False  # accepted for compatibility: adapterkit always keeps ties consistent
     task_type: str | None = None
-    peft_type: str = "LORA"
+    peft_type: str = ""
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
@@ -100,64 +134,79 @@ class LoraConfig:
     # Known PEFT keys that carry nothing for adapterkit, preserved verbatim.
     passthrough: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
+    PEFT_TYPE: ClassVar[str] = ""
+    # JSON type of each field (names in _TYPE_CHECKS); subclasses extend it with their own fields.
+    FIELD_TYPES: ClassVar[dict[str, str]] = {
+        "target_modules": "str_or_list?",
+        "exclude_modules": "str_or_list?",
+        "modules_to_save": "str_list?",
+        "layers_to_transform": "int_or_list?",
+        "layers_pattern": "str_or_list?",
+        "task_type": "str?",
+        "peft_type": "str",
+        "base_model_name_or_path": "str?",
+        "revision": "str?",
+        "inference_mode": "bool",
+    }
+    # PEFT keys whose feature adapterkit does not implement: refused when set to anything but their "off" value.
+    UNSUPPORTED_WHEN_SET: ClassVar[dict[str, Any]] = {}
+    # PEFT keys that carry no behaviour for adapterkit; accepted with any value and written back unchanged.
+    PASSTHROUGH_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"megatron_core", "auto_mapping", "peft_version", "runtime_config"}
+    )
+    # Optional keys written only when set, so older PEFT versions read the file.
+    OMIT_WHEN_EMPTY: ClassVar[frozenset[str]] = frozenset({"exclude_modules"})
+
     def __post_init__(self) -> None:
+        if not self.peft_type:
+            self.peft_type = self.PEFT_TYPE
         self.validate()
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
 
     # -- validation -------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        if str(self.peft_type).upper() != "LORA":
-            raise ConfigError(f"LoraConfig got peft_type={self.peft_type!r}; expected 'LORA'.")
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}.")
-        if not (0.0 <= float(self.lora_dropout) < 1.0):
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
-        if self.bias != "none":
-            raise ConfigError(
-                f"bias={self.bias!r} is not supported yet: adapterkit keeps base biases frozen (bias='none'). "
-                "Use modules_to_save for the modules whose bias should train."
-            )
-        for name in ("use_dora", "lora_bias"):
-            if getattr(self, name):
-                raise ConfigError(
-                    f"{name}=True is a PEFT feature adapterkit does not support yet; "
-                    "loading or training without it would give different outputs. Use plain LoRA (set it to False)."
-                )
-        if self.init_lora_weights not in INIT_CHOICES:
-            raise ConfigError(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported; choose one of True, False, 'gaussian'."
-            )
-        for pattern_name in ("rank_pattern", "alpha_pattern"):
-            value = getattr(self, pattern_name)
-            if not isinstance(value, dict):
-                raise ConfigError(f"{pattern_name} must be a dict of module pattern -> value, got {value!r}.")
-        for key, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
-                raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}.")
+        """Types of every field, then the shared targeting rules; subclasses call super() and add their own."""
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        for key, kind in self.FIELD_TYPES.items():
+            check_type(self.name, key, getattr(self, key), kind)
+        if str(self.peft_type).upper() != self.PEFT_TYPE:
+            raise ConfigError(f"{self.name} got peft_type={self.peft_type!r}; expected {self.PEFT_TYPE!r}.")
+        for key in ("target_modules", "exclude_modules", "layers_pattern"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                check_pattern(self.name, key, value)
+            elif value is not None and any(len(v) > MAX_PATTERN_CHARS for v in value):
+                raise ConfigError(f"{self.name}: {key} holds a name over {MAX_PATTERN_CHARS:,} characters.")
+        if self.modules_to_save is not None:
+            for name in self.modules_to_save:
+                check_pattern(self.name, "modules_to_save", name)
+        layers = self.layers_to_transform
+        if layers is not None and any(i < 0 for i in ([layers] if isinstance(layers, int) else layers)):
+            raise ConfigError(f"{self.name}: layers_to_transform must hold non-negative layer indices, got {layers!r}.")
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ConfigError("layers_pattern is only used together with layers_to_transform; set both or neither.")
-        if self.trainable_token_indices is not None:
-            _check_token_indices(self.trainable_token_indices)
 
-    # -- scaling ----------------------------------------------------------------------------------------------
-    def rank_for(self, module_path: str) -> int:
-        return int(_pattern_value(self.rank_pattern, module_path, self.r))
-
-    def alpha_for(self, module_path: str) -> float:
-        return _pattern_value(self.alpha_pattern, module_path, self.lora_alpha)
-
-    def scaling_for(self, module_path: str) -> float:
-        r, alpha = self.rank_for(module_path), self.alpha_for(module_path)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+    # -- what layers read -------------------------------------------------------------------------------------
+    def pattern_value(self, patterns: dict[str, Any], module_path: str, default: Any) -> Any:
+        """PEFT's per-module pattern rule: the first key K with `(.*\\.)?(K)$` matching the module path wins."""
+        for key, value in patterns.items():
+            if re.match(rf"(.*\.)?({key})$", module_path):
+                return value
+        return default
 
     # -- JSON -------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The `adapter_config.json` content. Optional newer keys are only written when set, so older PEFTs read it."""
+        """The `adapter_config.json` content."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             if f.name in ("unknown_keys", "passthrough"):
                 continue
             value = getattr(self, f.name)
-            if f.name in ("exclude_modules", "trainable_token_indices", "ensure_weight_tying", "lora_bias") and not value:
+            if f.name in self.OMIT_WHEN_EMPTY and not value:
                 continue
             if isinstance(value, (set, tuple)):
                 value = sorted(value)
@@ -167,42 +216,42 @@ class LoraConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
+    def from_dict(cls, data: Any) -> "AdapterConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"an adapter config must be a JSON object, got {type(data).__name__}.")
-        peft_type = str(data.get("peft_type", "LORA")).upper()
-        if peft_type != "LORA":
-            raise ConfigError(
-                f"peft_type {peft_type!r} is not supported by this version of adapterkit (supported: 'LORA')."
-            )
+        peft_type = data.get("peft_type", cls.PEFT_TYPE)
+        if not isinstance(peft_type, str) or peft_type.upper() != cls.PEFT_TYPE:
+            raise ConfigError(f"{cls.__name__} reads peft_type {cls.PEFT_TYPE!r}, the file says {peft_type!r}.")
         names = {f.name for f in dataclasses.fields(cls)} - {"unknown_keys", "passthrough"}
         kwargs: dict[str, Any] = {}
         unknown: dict[str, Any] = {}
         passthrough: dict[str, Any] = {}
         for key, value in data.items():
-            if key in _UNSUPPORTED_WHEN_SET:
-                if value not in (_UNSUPPORTED_WHEN_SET[key], None, {}, [], False):
+            if key in cls.UNSUPPORTED_WHEN_SET:
+                if value not in (cls.UNSUPPORTED_WHEN_SET[key], None, {}, [], False):
                     raise ConfigError(
-                        f"this adapter uses {key}={value!r}, a PEFT feature adapterkit does not support yet; "
+                        f"this adapter uses {key}={_short(value)}, a PEFT feature adapterkit does not support yet; "
                         "loading it without that feature would give different outputs."
                     )
                 continue
-            if key in _PASSTHROUGH_KEYS:
+            if key in cls.PASSTHROUGH_KEYS:
                 passthrough[key] = value
             elif key in names:
                 kwargs[key] = value
             else:
                 unknown[key] = value
-        if isinstance(kwargs.get("target_modules"), (set, tuple)):
-            kwargs["target_modules"] = sorted(kwargs["target_modules"])
-        kwargs["peft_type"] = "LORA"
-        for key in ("rank_pattern", "alpha_pattern"):
-            if kwargs.get(key) is None:
-                kwargs[key] = {}
+        kwargs["peft_type"] = cls.PEFT_TYPE
+        cls._normalise(kwargs)
         cfg = cls(**kwargs)
         cfg.unknown_keys = unknown
         cfg.passthrough = passthrough
         return cfg
+
+    @classmethod
+    def _normalise(cls, kwargs: dict[str, Any]) -> None:
+        """JSON spellings PEFT writes that mean a field's default (null for an empty pattern dict, ...)."""
+        if isinstance(kwargs.get("target_modules"), (set, tuple)):
+            kwargs["target_modules"] = sorted(kwargs["target_modules"])
 
     def save(self, directory: str | os.PathLike) -> None:
         with open(os.path.join(directory, "adapter_config.json"), "w", encoding="utf-8") as fh:
@@ -210,47 +259,52 @@ class LoraConfig:
             fh.write("\n")
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "LoraConfig":
-        with open(path, encoding="utf-8") as fh:
-            try:
-                data = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
-        return cls.from_dict(data)
+    def from_file(cls, path: str | os.PathLike) -> "AdapterConfig":
+        return cls.from_dict(read_json(path))
 
-    def replace(self, **changes: Any) -> "LoraConfig":
+    def replace(self, **changes: Any) -> "AdapterConfig":
         new = dataclasses.replace(self, **changes)
         new.unknown_keys = dict(self.unknown_keys)
         new.passthrough = dict(self.passthrough)
         return new
 
 
-def _check_token_indices(value: Any) -> None:
-    """`trainable_token_indices`: a list of row indices (the input embedding) or {module name: list of indices}."""
-    groups = value.items() if isinstance(value, dict) else [("", value)]
-    for key, indices in groups:
-        where = f"trainable_token_indices[{key!r}]" if key else "trainable_token_indices"
-        if not isinstance(key, str) or not isinstance(indices, (list, tuple)) or not indices:
-            raise ConfigError(
-                f"{where} must be a non-empty list of token ids (or a dict of module name -> list), got {indices!r}."
-            )
-        bad = [i for i in indices if not isinstance(i, int) or isinstance(i, bool) or i < 0]
-        if bad:
-            raise ConfigError(f"{where} must hold non-negative integer token ids; got {bad[:5]!r}.")
-        if len(set(indices)) != len(indices):
-            raise ConfigError(f"{where} lists a token id twice; list each id once.")
+def read_json(path: str | os.PathLike) -> Any:
+    """An adapter_config.json, parsed within bounds; every failure a ConfigError naming the file."""
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is {size:,} bytes; an adapter config is at most {MAX_CONFIG_BYTES:,}.")
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{path} could not be read: {exc.strerror or exc}.") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}): not an adapter config.") from exc
+    depth = _max_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ConfigError(f"{path} nests {depth} levels deep; an adapter config needs at most {MAX_JSON_DEPTH}.")
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
 
 
-def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
-    """PEFT's rank/alpha pattern rule: the first key K with `(.*\\.)?(K)$` matching the module path wins."""
-    if not patterns:
-        return default
-    import re
-
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_path):
-            return value
-    return default
+def _max_depth(text: str) -> int:
+    """Bracket nesting depth outside strings (linear; run before json.loads so a deep file cannot recurse)."""
+    depth = best = 0
+    for match in _BRACKET.finditer(_STRING.sub("", text)):
+        depth += 1 if match.group() in "[{" else -1
+        best = max(best, depth)
+    return best
 
 
-CONFIG_CLASSES: dict[str, type] = {"LORA": LoraConfig}
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

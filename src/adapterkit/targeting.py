@@ -7,64 +7,19 @@ A string target is a regex `fullmatch` on the module path; a list matches an exa
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from torch import nn
 
-from .config import DEFAULT_TARGETS, LoraConfig
+from .base_layers import is_linear, view_of
+from .config import DEFAULT_TARGETS, AdapterConfig
 from .errors import TargetError
+from .methods import Method
 from .methods.base import AdapterWrapper
+from .methods.trainable_tokens import TiedTokensHead, TrainableTokens
+from .structure import base_of, embeddings, iter_modules, output_head, path_of, sample_leaf_names
 
 ALL_LINEAR = "all-linear"
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style `Conv1D` (a linear layer storing its weight as (in, out)), detected without importing it."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """`named_modules` (same order, duplicates included), but an adapter wrapper stands for its base layer: its
-    insides are never candidates. Iterative, as it is walked several times per attach over ~1000 modules."""
-    stack = [(prefix, model)]
-    while stack:
-        path, module = stack.pop()
-        yield path, module
-        if isinstance(module, AdapterWrapper):
-            continue
-        children = [
-            (f"{path}.{name}" if path else name, child) for name, child in module._modules.items() if child is not None
-        ]
-        stack.extend(reversed(children))
-
-
-def base_of(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, AdapterWrapper) else module
-
-
-def output_head(model: nn.Module) -> nn.Module | None:
-    """The model's output head module (transformers' `get_output_embeddings`), or None."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    if get_out is None:
-        return None
-    try:
-        return get_out()
-    except (AttributeError, NotImplementedError):
-        return None
-
-
-def output_head_path(model: nn.Module) -> str | None:
-    head = output_head(model)
-    if head is None:
-        return None
-    for name, module in iter_modules(model):
-        if module is head or base_of(module) is head:
-            return name
-    return None
 
 
 def _in_list_or_suffix(targets: list[str], key: str) -> bool:
@@ -80,7 +35,7 @@ def _in_list_or_suffix(targets: list[str], key: str) -> bool:
     return False
 
 
-def _layer_index(cfg: LoraConfig, key: str) -> int | None:
+def _layer_index(cfg: AdapterConfig, key: str) -> int | None:
     patterns = cfg.layers_pattern
     if not patterns:
         # The first numbered path segment is the layer index (not a nested one such as an expert index).
@@ -94,18 +49,14 @@ def _layer_index(cfg: LoraConfig, key: str) -> int | None:
     return int(match.group("idx")) if match else None
 
 
-def matches_modules_to_save(cfg: LoraConfig, key: str) -> bool:
+def matches_modules_to_save(cfg: AdapterConfig, key: str) -> bool:
     # PEFT's rule for modules_to_save is a plain string suffix.
     return bool(cfg.modules_to_save) and any(key.endswith(m) for m in cfg.modules_to_save)
 
 
-def matches_target(cfg: LoraConfig, key: str) -> bool:
-    """True when the module at `key` gets a LoRA adapter under `cfg` (targets already expanded)."""
-    return target_matcher(cfg)(key)
-
-
-def target_matcher(cfg: LoraConfig) -> Callable[[str], bool]:
-    """`matches_target` for one config, with its patterns compiled once: it is asked of every module of the model."""
+def target_matcher(cfg: AdapterConfig) -> Callable[[str], bool]:
+    """Whether the module at a path gets an adapter under `cfg` (targets already expanded), with the patterns compiled
+    once: it is asked of every module of the model."""
     exclude = cfg.exclude_modules
     exclude_regex = re.compile(exclude) if isinstance(exclude, str) else None
     excluded = set(exclude or ()) if not isinstance(exclude, str) else set()
@@ -130,7 +81,7 @@ def target_matcher(cfg: LoraConfig) -> Callable[[str], bool]:
     return matches
 
 
-def _layer_selected(cfg: LoraConfig, key: str) -> bool:
+def _layer_selected(cfg: AdapterConfig, key: str) -> bool:
     """`layers_to_transform` / `layers_pattern`: whether the module's layer index is one of the wanted ones."""
     wanted = cfg.layers_to_transform
     if wanted is None or (isinstance(wanted, list) and not wanted):
@@ -142,8 +93,8 @@ def _layer_selected(cfg: LoraConfig, key: str) -> bool:
 
 
 def expand_targets(
-    model: nn.Module, cfg: LoraConfig, modules: list[tuple[str, nn.Module]] | None = None
-) -> LoraConfig:
+    model: nn.Module, cfg: AdapterConfig, modules: list[tuple[str, nn.Module]] | None = None
+) -> AdapterConfig:
     """Resolve `all-linear` and a missing `target_modules` into the explicit form that is saved in the file.
 
     `modules`: `list(iter_modules(model))` when the caller already has it.
@@ -172,25 +123,33 @@ def expand_targets(
 
 
 def find_targets(
-    model: nn.Module, cfg: LoraConfig, modules: list[tuple[str, nn.Module]] | None = None
-) -> list[tuple[str, nn.Module]]:
-    """The (path, module) pairs that get LoRA; raises TargetError when nothing matches or a match is not adaptable.
+    model: nn.Module, cfg: AdapterConfig, method: Method, modules: list[tuple[str, nn.Module]] | None = None
+) -> list[tuple[str, nn.Module, type[AdapterWrapper]]]:
+    """(path, module, wrapper class) for every module that gets the method's layer; raises TargetError when nothing
+    matches, a match is a layer type the method cannot adapt, or it already carries another method's layer.
 
     `modules`: `list(iter_modules(model))` when the caller already has it.
     """
-    from .methods import lora
-
     matches = target_matcher(cfg)
     found = []
     for name, module in modules if modules is not None else iter_modules(model):
-        if name and matches(name):
-            base = base_of(module)
-            if not lora.supports(base):
-                raise TargetError(
-                    f"target_modules matched {name!r}, a {type(base).__name__}; LoRA applies to nn.Linear, "
-                    f"transformers Conv1D and nn.Embedding. Narrow the pattern (e.g. {name}.q_proj)."
-                )
-            found.append((name, module))
+        if not name or not matches(name):
+            continue
+        base = base_of(module)
+        view = view_of(base)
+        layer = method.layer_for(view.kind) if view is not None else None
+        if layer is None:
+            raise TargetError(
+                f"target_modules matched {name!r}, a {type(base).__name__}; {method.peft_type} applies to "
+                f"{method.kinds()} layers. Narrow the pattern (e.g. {name}.q_proj)."
+            )
+        if isinstance(module, AdapterWrapper) and type(module) is not layer:
+            raise TargetError(
+                f"{name!r} already carries a {module.method} adapter ({sorted(module.adapter_names)}); adapterkit "
+                f"does not put a second method ({method.peft_type}) on the same layer. Target other modules or "
+                "delete the existing adapter first."
+            )
+        found.append((name, module, layer))
     if not found and cfg.target_modules:
         raise TargetError(
             f"target_modules={_short(cfg.target_modules)} matched no module of {type(model).__name__}. "
@@ -199,7 +158,7 @@ def find_targets(
     return found
 
 
-def find_modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module]]:
+def find_modules_to_save(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Module]]:
     if not cfg.modules_to_save:
         return []
     found: list[tuple[str, nn.Module]] = []
@@ -208,8 +167,8 @@ def find_modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, n
             continue
         if any(name.startswith(parent + ".") for parent, _ in found):
             continue  # the enclosing module is already copied whole
-        if isinstance(module, AdapterWrapper) and not hasattr(module, "modules_to_save"):
-            raise TargetError(f"{name!r} already carries LoRA; it cannot also be in modules_to_save.")
+        if isinstance(module, AdapterWrapper) and module.method != "modules_to_save":
+            raise TargetError(f"{name!r} already carries a {module.method} adapter; it cannot also be in modules_to_save.")
         found.append((name, module))
     if not found:
         raise TargetError(
@@ -220,27 +179,21 @@ def find_modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, n
 
 
 def find_token_targets(
-    model: nn.Module, cfg: LoraConfig, taken: set[str]
+    model: nn.Module, cfg: AdapterConfig, taken: set[str]
 ) -> list[tuple[str, nn.Module, list[int], list[str]]]:
-    """(embedding path, module, row indices, paths of heads tied to it) for `trainable_token_indices`.
+    """(embedding path, module, row indices, paths of heads tied to it) for LoRA's `trainable_token_indices`.
 
     A list targets the model's input embedding; a dict maps module names (exact path or ".name" suffix) to indices.
     A head whose weight is the embedding's tensor follows the embedding and may be named with the same indices.
     Raises TargetError before anything is changed.
     """
-    spec = cfg.trainable_token_indices
+    spec = getattr(cfg, "trainable_token_indices", None)
     if spec is None:
         return []
-    from .methods import lora
-    from .methods.trainable_tokens import TiedTokensHead
-    from .modules_to_save import TrainableCopy
-    from .vocab import embeddings
-
     if isinstance(spec, dict):
         groups = {key: list(v) for key, v in spec.items()}
     else:
-        emb, _ = embeddings(model)
-        path = next((n for n, m in iter_modules(model) if emb is not None and (m is emb or base_of(m) is emb)), None)
+        path = path_of(model, embeddings(model)[0])
         if path is None:
             path = next((n for n, _ in iter_modules(model) if n.endswith("embed_tokens")), None)
         if path is None:
@@ -263,7 +216,8 @@ def find_token_targets(
                     "choose one way to train it."
                 )
             base = base_of(module)
-            if isinstance(base, nn.Embedding) and not isinstance(module, (TrainableCopy, lora.LoraEmbedding)):
+            other_method = isinstance(module, AdapterWrapper) and not isinstance(module, TrainableTokens)
+            if isinstance(base, nn.Embedding) and not other_method:
                 rows = base.weight.shape[0]
                 too_big = [i for i in indices if i >= rows]
                 if too_big:
@@ -295,16 +249,6 @@ def find_token_targets(
                 )
             entry[3].append(path)
     return leaders
-
-
-def sample_leaf_names(model: nn.Module, limit: int = 12) -> list[str]:
-    """A few distinct last path components of leaf modules, to show the user what names exist."""
-    seen: dict[str, None] = {}
-    for name, module in iter_modules(model):
-        if name and not any(True for _ in module.children()):
-            seen.setdefault(name.rsplit(".", 1)[-1], None)
-    names = list(seen)
-    return names[:limit] + (["..."] if len(names) > limit else [])
 
 
 def _short(value: object, limit: int = 120) -> str:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE_INDEX, batches
-from .model import trainable_parameters
+from .training_data import IGNORE_INDEX, batches
+from .verbs import trainable_parameters
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""Vocabulary and weight tying: adding tokens, resizing embeddings, and finding tied tensors by identity.
+"""Vocabulary: adding tokens, resizing embeddings with their tie kept, and the embedding sizes an adapter records.
 
-Ties are found by tensor identity (two module attributes holding the same Parameter object), never by module names,
-so a model that ties `wte` to `lm_head`, `embed_tokens` to `lm_head`, or anything else is handled alike.
+Ties themselves are found by tensor identity in structure.py (`find_ties`, re-exported here as part of the public
+`adapterkit.vocab`), so a model that ties `wte` to `lm_head`, `embed_tokens` to `lm_head`, or anything else is handled
+alike.
 """
 
 from __future__ import annotations
@@ -13,39 +14,17 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .state import adapter_state
+from .structure import base_of, embeddings, find_ties
+
+__all__ = ["add_tokens", "embedding_sizes", "embeddings", "find_ties", "read_sizes", "resize", "sizes_metadata"]
 
 # Key of the safetensors header metadata entry that records the embedding sizes an adapter was trained with.
 VOCAB_METADATA_KEY = "adapterkit.vocab"
 
 
-def find_ties(model: nn.Module) -> list[list[str]]:
-    """Groups of parameter paths that are one tensor (by identity), e.g. [["model.embed_tokens.weight",
-    "lm_head.weight"]]. Adapter wrappers are looked through, so a wrapped embedding reports its base path."""
-    from .targeting import base_of, iter_modules
-
-    by_id: dict[int, list[str]] = {}
-    for path, module in iter_modules(model):
-        inner = base_of(module)
-        for pname, param in inner._parameters.items():
-            if param is not None:
-                by_id.setdefault(id(param), []).append(f"{path}.{pname}" if path else pname)
-    return [names for names in by_id.values() if len(names) > 1]
-
-
 def _weight(module: nn.Module | None) -> torch.Tensor | None:
     return None if module is None else getattr(module, "weight", None)
-
-
-def embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
-    """(input embedding, output head) as the model reports them; None for a side the model does not have."""
-    pair = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        fn = getattr(model, getter, None)
-        try:
-            pair.append(fn() if fn is not None else None)
-        except (AttributeError, NotImplementedError):
-            pair.append(None)
-    return pair[0], pair[1]
 
 
 def embedding_sizes(model: nn.Module) -> dict[str, Any]:
@@ -53,8 +32,6 @@ def embedding_sizes(model: nn.Module) -> dict[str, Any]:
 
     Looks through adapter wrappers: the sizes are the base tables', which is what a loading base must match.
     """
-    from .targeting import base_of
-
     emb, head = embeddings(model)
     out: dict[str, Any] = {}
     w_in, w_out = _weight(base_of(emb) if emb is not None else None), _weight(base_of(head) if head is not None else None)
@@ -114,8 +91,6 @@ def add_tokens(model: nn.Module, tokenizer: Any, tokens: list[str], *, init: str
     """
     if init not in ("mean", "random"):
         raise ConfigError(f"add_tokens init={init!r}; choose 'mean' or 'random'.")
-    from .model import adapter_state
-
     if adapter_state(model) is not None:
         raise ConfigError("add tokens before attaching adapters: the embedding is already wrapped by an adapter.")
     tokenizer.add_tokens(list(tokens), special_tokens=special)

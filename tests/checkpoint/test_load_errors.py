@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import adapterkit as ak
-from adapterkit.model import adapter_state
+from adapterkit.state import adapter_state
 from helpers import assert_unchanged, build, logits, snapshot
 
 
@@ -154,6 +154,6 @@ def test_failed_load_on_a_model_with_an_adapter_keeps_it(saved, tmp_path) -> Non
     assert adapter_state(model) is not None
 
 
-def test_lora_config_use_dora_refused_at_construction() -> None:
-    with pytest.raises(ak.ConfigError, match="use_dora"):
-        ak.LoraConfig(target_modules=["q_proj"], use_dora=True)
+def test_lora_config_lora_bias_refused_at_construction() -> None:
+    with pytest.raises(ak.ConfigError, match="lora_bias"):
+        ak.LoraConfig(target_modules=["q_proj"], lora_bias=True)

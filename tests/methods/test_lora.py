@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapterkit.config import LoraConfig
+from adapterkit import LoraConfig
 from adapterkit.methods import lora
+from adapterkit.methods.base import AttachContext
 
 
 def _linear_wrapper(in_f=4, out_f=3, r=1, alpha=2.0, dtype=torch.float32, **cfg):
@@ -92,7 +93,7 @@ def test_default_init_is_a_no_op_and_a_is_kaiming() -> None:
 def test_adapter_dtype_follows_base_and_can_be_overridden(dtype) -> None:
     w = _linear_wrapper(dtype=dtype)
     assert w.lora_A["default"].weight.dtype == dtype
-    w.add_adapter("other", LoraConfig(r=2), "layer", dtype=torch.float32)
+    w.add_adapter("other", LoraConfig(r=2), "layer", AttachContext(dtype=torch.float32))
     assert w.lora_B["other"].weight.dtype == torch.float32
     w.set_active(("other",))
     assert w(torch.randn(2, 4, dtype=dtype)).dtype == dtype
@@ -147,7 +148,7 @@ def test_dropout_applies_only_while_training(conv1d) -> None:
     torch.manual_seed(1)
     a, b = w.lora_A["default"].weight, w.lora_B["default"].weight
     dropped = F.dropout(x, 0.5, True)
-    torch.testing.assert_close(out, base_out + (dropped @ a.T @ b.T) * w.scaling["default"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, base_out + (dropped @ a.T @ b.T) * w.records["default"].scaling, atol=1e-5, rtol=0)
 
 
 def test_new_layers_follow_the_base_layers_mode() -> None:

@@ -6,13 +6,14 @@ adapter name (`lora_A.weight`, `lora_embedding_B`, or the module's own `weight` 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..model import AdapterState
+from ..state import AdapterState
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,8 +46,6 @@ def adapter_tensors(state: AdapterState, name: str) -> dict[str, nn.Parameter]:
 
 def expand_aliases(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
     """The file's tensors plus, for each recorded alias, the shared tensor under the alias key too."""
-    import json
-
     text = metadata.get(ALIASES_METADATA_KEY)
     if not text:
         return tensors

@@ -14,9 +14,11 @@ import torch
 from torch import nn
 
 from .. import vocab
-from ..config import LoraConfig
+from ..config import AdapterConfig
 from ..errors import AdapterLoadError, ConfigError
-from ..model import adapter_state, attach, delete, set_active
+from ..methods import config_from_file
+from ..state import adapter_state
+from ..verbs import attach, delete, set_active
 from . import fingerprint as F
 from . import report as R
 from .format import (
@@ -53,11 +55,11 @@ def locate(path: str | os.PathLike, name: str = "default") -> Path:
     )
 
 
-def read_adapter(path: str | os.PathLike, name: str = "default") -> tuple[Path, LoraConfig, dict, dict]:
+def read_adapter(path: str | os.PathLike, name: str = "default") -> tuple[Path, AdapterConfig, dict, dict]:
     """(folder, config, tensors by file key, safetensors header metadata) of an adapter on disk."""
     folder = locate(path, name)
     try:
-        cfg = LoraConfig.from_file(folder / CONFIG_NAME)
+        cfg = config_from_file(folder / CONFIG_NAME)
     except (ConfigError, TypeError) as exc:
         raise AdapterLoadError(f"{folder / CONFIG_NAME}: {exc}") from exc
     weights = folder / WEIGHTS_NAME

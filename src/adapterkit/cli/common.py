@@ -36,7 +36,7 @@ def model_spec_for_adapter(recorded: str | None, override: str | None) -> str | 
         return override
     if not recorded:
         return None  # the embedded default
-    from ..models import EMBEDDED_MODELS
+    from ..base_models import EMBEDDED_MODELS
 
     for name, entry in EMBEDDED_MODELS.items():
         if recorded == entry.hub_id:
@@ -46,7 +46,7 @@ def model_spec_for_adapter(recorded: str | None, override: str | None) -> str | 
 
 def load_base(spec: str | None, dtype=None, *, quiet: bool = False):
     """(model, tokenizer, resolved) for a model spec; announces the first-run GGUF conversion."""
-    from .. import models
+    from .. import base_models as models
 
     name = (spec or models.DEFAULT_MODEL).lower()
     converting = name in models.EMBEDDED_MODELS and not (models.cache_dir() / "models" / name / "config.json").is_file()
@@ -73,7 +73,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
     """Greedy reply to a user prompt, formatted with the tokenizer's chat template (as in training)."""
     import torch
 
-    from ..data import encode_prompt
+    from ..training_data import encode_prompt
 
     ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=model.device)  # (1, T)
     with torch.no_grad():

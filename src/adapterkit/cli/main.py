@@ -43,10 +43,10 @@ _register()
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from ..data import DataError
+    from ..training_data import DataError
     from .common import CliError
     from ..errors import AdapterError
-    from ..models import ModelNotFoundError
+    from ..base_models import ModelNotFoundError
 
     return (CliError, AdapterError, DataError, ModelNotFoundError, FileNotFoundError, NotADirectoryError,
             IsADirectoryError, PermissionError, ValueError, OSError)

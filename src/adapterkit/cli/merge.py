@@ -33,7 +33,7 @@ def merge_command(
     import adapterkit as ak
 
     from ..checkpoint import read_adapter
-    from ..data import encode_prompt
+    from ..training_data import encode_prompt
 
     target_dtype = torch_dtype(dtype)
     folder, cfg, _, _ = read_adapter(adapter)

@@ -52,7 +52,7 @@ def train_command(
 
     import adapterkit as ak
 
-    from .. import data as D
+    from .. import training_data as D
     from ..train import TrainConfig, seed_everything, train
 
     if method.lower() != "lora":
@@ -138,7 +138,8 @@ def _linear_leaf_names(model) -> list[str]:
 
     Leaf names (q_proj, ...) rather than full paths, so that --layers still filters them.
     """
-    from ..targeting import is_linear, iter_modules, output_head_path
+    from ..base_layers import is_linear
+    from ..structure import iter_modules, output_head_path
 
     head = output_head_path(model)
     head_leaf = head.rsplit(".", 1)[-1] if head else None

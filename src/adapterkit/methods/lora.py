@@ -1,4 +1,4 @@
-"""LoRA layers: `W x + s * B(A(dropout(x)))` around nn.Linear, transformers Conv1D and nn.Embedding.
+"""LoRA layers: `W x + s * B(A(dropout(x)))` around nn.Linear, transformers Conv1D and nn.Embedding (DoRA: dora.py).
 
 Parameter names follow PEFT (`lora_A.<name>.weight`, `lora_B.<name>.weight`, `lora_embedding_A.<name>`), so the
 model's own state dict reads like a PEFT model's. A (r, in) starts kaiming-uniform(a=sqrt(5)), B (out, r) at zero.
@@ -7,25 +7,26 @@ model's own state dict reads like a PEFT model's. A (r, in) starts kaiming-unifo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LoraConfig
 from ..kernels import lora_linear
-from ..targeting import is_conv1d
-from .base import AdapterWrapper
+from . import dora
+from .base import AdapterWrapper, AttachContext
+from .lora_config import LoraConfig
 
 
-def supports(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding)) or is_conv1d(module)
+@dataclass
+class LoraRecord:
+    """One LoRA adapter on one layer: the scalars its forward and merge need."""
 
-
-def wrap(module: nn.Module) -> AdapterWrapper:
-    if isinstance(module, nn.Embedding):
-        return LoraEmbedding(module)
-    return LoraLinear(module)
+    r: int
+    scaling: float
+    dropout: float = 0.0
+    use_dora: bool = False
 
 
 def _linear_pair(
@@ -49,7 +50,7 @@ def _linear_pair(
     return a, b
 
 
-def _product_bound(a: torch.Tensor, b: torch.Tensor, scaling: float) -> float:
+def product_bound(a: torch.Tensor, b: torch.Tensor, scaling: float) -> float:
     """Upper bound on every entry of s * B @ A (A (r, n), B (m, r)): |sum_k B_ik A_kj| <= ||B_i,:|| ||A_:,j||."""
     a, b = a.detach().float(), b.detach().float()
     return float(b.norm(dim=1).max() * a.norm(dim=0).max() * abs(scaling))
@@ -77,135 +78,152 @@ class _Factor(nn.Module):
 
 
 class LoraLinear(AdapterWrapper):
-    """LoRA around a linear layer. For Conv1D (weight stored (in, out)) the delta is transposed on merge only.
+    """LoRA (and DoRA) around a linear layer. For Conv1D (weight stored (in, out)) the delta is transposed on merge.
 
-    Dropout on the adapter's input is functional (`dropout_p[name]`, applied while the layer is training), so it
+    Dropout on the adapter's input is functional (the record's `dropout`, applied while the layer is training), so it
     costs no module per adapter.
     """
 
-    adapter_containers = ("lora_A", "lora_B")
+    method = "LORA"
+    containers = ("lora_A", "lora_B", "lora_magnitude_vector")
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        w = base_layer.weight
-        fan_in_fan_out = is_conv1d(base_layer)
-        in_features, out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+    def __init__(self, base_layer: nn.Module, view=None) -> None:
+        super().__init__(base_layer, view)
+        in_features, out_features = self.view.features(base_layer)
         self._set_plain(
-            fan_in_fan_out=fan_in_fan_out,
+            fan_in_fan_out=self.view.fan_in_fan_out,
             in_features=in_features,
             out_features=out_features,
-            scaling={},
-            dropout_p={},
-            # Hot-path cache: ((A, B, dropout p, scaling), ...) for the active, unmerged adapters.
+            # Hot path: ((A module, B module, magnitude holder or None, dropout p, scaling), ...) for the live adapters,
+            # and whether the fused single-adapter kernel applies.
             _active_lora=(),
+            _fused=False,
         )
         self.lora_A = self._container(nn.ModuleDict)
         self.lora_B = self._container(nn.ModuleDict)
+        self.lora_magnitude_vector = self._container(nn.ModuleDict)
 
-    def add_adapter(
-        self, name: str, cfg: LoraConfig, path: str, *, dtype: torch.dtype | None = None, init: bool = True
-    ) -> None:
+    def add_adapter(self, name: str, cfg: LoraConfig, path: str, ctx: AttachContext | None = None) -> None:
         r = cfg.rank_for(path)
-        w = self._modules["base_layer"].weight
-        factory = {"device": w.device, "dtype": dtype or w.dtype}
-        a, b = _linear_pair(r, self.in_features, self.out_features, cfg.init_lora_weights if init else None, factory)
+        init = cfg.init_lora_weights if ctx is None or ctx.init else None
+        factory = self._factory(ctx)
+        a, b = _linear_pair(r, self.in_features, self.out_features, init, factory)
         self.lora_A[name] = _Factor(a, self.training)
         self.lora_B[name] = _Factor(b, self.training)
-        self.dropout_p[name] = float(cfg.lora_dropout)
-        self.scaling[name] = cfg.scaling_for(path)
-
-    def remove_adapter(self, name: str) -> None:
-        super().remove_adapter(name)
-        self.dropout_p.pop(name, None)
+        record = LoraRecord(r=r, scaling=cfg.scaling_for(path), dropout=float(cfg.lora_dropout), use_dora=cfg.use_dora)
+        self.records[name] = record
+        if cfg.use_dora:
+            self.lora_magnitude_vector[name] = dora.Magnitude(self, name, record, init is not None, factory)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        factors = self._factors(name)
-        return [f._parameters["weight"] for f in factors] if factors else []
-
-    def _factors(self, name: str) -> tuple[_Factor, _Factor] | None:
-        """(A, B) modules of adapter `name`, read from the registered containers without attribute lookups (this is
-        asked for every layer of the model on each activation change)."""
         lora_a = self._modules["lora_A"]._modules.get(name)
-        return None if lora_a is None else (lora_a, self._modules["lora_B"]._modules[name])
+        if lora_a is None:
+            return []
+        params = [lora_a._parameters["weight"], self._modules["lora_B"]._modules[name]._parameters["weight"]]
+        magnitude = self._modules["lora_magnitude_vector"]._modules.get(name)
+        return params + ([magnitude._parameters["weight"]] if magnitude is not None else [])
 
     def _refresh(self) -> None:
+        lora_a, lora_b = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
+        magnitudes = self._modules["lora_magnitude_vector"]._modules
         active = tuple(
-            (*self._factors(n), self.dropout_p[n], self.scaling[n])
-            for n in self.active_names
-            if n not in self.merged_names
+            (lora_a[n], lora_b[n], magnitudes.get(n), self.records[n].dropout, self.records[n].scaling)
+            for n in self._live()
         )
-        self._set_plain(_active_lora=active)
+        base = self._modules["base_layer"]
+        # One unmerged plain-LoRA adapter on a float nn.Linear: the fused kernel (one autograd node, only x saved).
+        fused = len(active) == 1 and active[0][2] is None and type(base) is nn.Linear
+        self._set_plain(_active_lora=active, _fused=fused)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         active = self._active_lora
         base = self.base_layer
-        if len(active) == 1 and type(base) is nn.Linear and not args and not kwargs:
-            # One unmerged adapter on a plain nn.Linear: the fused kernel (one autograd node, rank-r update added in
-            # place, only x saved). Conv1D, subclasses (quantized layers) and several adapters take the loop below.
-            lora_a, lora_b, p, scaling = active[0]
+        if self._fused and not args and not kwargs:
+            lora_a, lora_b, _, p, scaling = active[0]
             return lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, scaling, p, self.training)
         out = base(x, *args, **kwargs)
-        for lora_a, lora_b, p, scaling in active:
+        for lora_a, lora_b, magnitude, p, scaling in active:
             h = x.to(lora_a.weight.dtype)  # (..., in)
             if p and self.training:
                 h = F.dropout(h, p, True)
+            if magnitude is not None:
+                out = magnitude.apply(self, h, out, p > 0 and self.training)
+                continue
             out = out + (lora_b(lora_a(h)) * scaling).to(out.dtype)  # (..., r) -> (..., out)
         return out
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        a = self.lora_A[name].weight.float()  # (r, in)
-        b = self.lora_B[name].weight.float()  # (out, r)
-        delta = (b @ a) * self.scaling[name]  # (out, in)
+        magnitude = self._modules["lora_magnitude_vector"]._modules.get(name)
+        if magnitude is not None:
+            return magnitude.merged_weight(self) - self.view.float_weight(self.base_layer)
+        a = self.lora_A[name].weight.detach().float()  # (r, in)
+        b = self.lora_B[name].weight.detach().float()  # (out, r)
+        delta = (b @ a) * self.records[name].scaling  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
     def add_delta(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        if name in self._modules["lora_magnitude_vector"]._modules:
+            return weight + self.delta_weight(name)
         a = self.lora_A[name].weight.detach().float()  # (r, in)
         b = self.lora_B[name].weight.detach().float()  # (out, r)
+        s = self.records[name].scaling
         if self.fan_in_fan_out:  # weight (in, out)
-            return torch.addmm(weight, a.T, b.T, alpha=self.scaling[name])
-        return torch.addmm(weight, b, a, alpha=self.scaling[name])  # one pass: weight + s * (B @ A)
+            return torch.addmm(weight, a.T, b.T, alpha=s)
+        return torch.addmm(weight, b, a, alpha=s)  # one pass: weight + s * (B @ A)
 
     def add_delta_(self, weight: torch.Tensor, name: str) -> None:
+        if name in self._modules["lora_magnitude_vector"]._modules:
+            weight.add_(self.delta_weight(name))
+            return
         a = self.lora_A[name].weight.detach().float()  # (r, in)
         b = self.lora_B[name].weight.detach().float()  # (out, r)
+        s = self.records[name].scaling
         if self.fan_in_fan_out:
-            weight.addmm_(a.T, b.T, alpha=self.scaling[name])
+            weight.addmm_(a.T, b.T, alpha=s)
         else:
-            weight.addmm_(b, a, alpha=self.scaling[name])
+            weight.addmm_(b, a, alpha=s)
 
     def max_delta_bound(self, name: str) -> float:
-        return _product_bound(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+        bound = product_bound(self.lora_A[name].weight, self.lora_B[name].weight, self.records[name].scaling)
+        magnitude = self._modules["lora_magnitude_vector"]._modules.get(name)
+        if magnitude is not None and not torch.isfinite(magnitude.weight).all():
+            return float("inf")
+        return float("inf") if magnitude is not None and bound == bound else bound  # DoRA: checked exactly
 
     def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """PEFT's per-module tensor names (after `base_model.model.<path>.`) for this adapter."""
-        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        out = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        magnitude = self._modules["lora_magnitude_vector"]._modules.get(name)
+        if magnitude is not None:
+            out["lora_magnitude_vector"] = magnitude.weight
+        return out
 
 
 class LoraEmbedding(AdapterWrapper):
     """LoRA on an embedding table: rows of A^T are looked up like embeddings, then projected by B^T.
 
     PEFT stores `lora_embedding_A` (r, num_embeddings) and `lora_embedding_B` (embedding_dim, r) as bare parameters.
+    The forward reads them from their ParameterDicts at call time (never a cached Parameter object), so parameters
+    replaced by `load_state_dict(assign=True)` or FSDP2 are the ones used.
     """
 
-    adapter_containers = ("lora_embedding_A", "lora_embedding_B")
+    method = "LORA"
+    containers = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
-    def __init__(self, base_layer: nn.Embedding) -> None:
-        super().__init__(base_layer)
-        self.num_embeddings, self.embedding_dim = base_layer.weight.shape
+    def __init__(self, base_layer: nn.Embedding, view=None) -> None:
+        super().__init__(base_layer, view)
+        self.num_embeddings, self.embedding_dim = self.view.features(base_layer)
         self.lora_embedding_A = self._container(nn.ParameterDict)
         self.lora_embedding_B = self._container(nn.ParameterDict)
-        self.scaling: dict[str, float] = {}
-        self._active_lora: tuple[tuple[nn.Parameter, nn.Parameter, float], ...] = ()
+        self.lora_magnitude_vector = self._container(nn.ModuleDict)
+        self._set_plain(_active_lora=())
 
-    def add_adapter(
-        self, name: str, cfg: LoraConfig, path: str, *, dtype: torch.dtype | None = None, init: bool = True
-    ) -> None:
+    def add_adapter(self, name: str, cfg: LoraConfig, path: str, ctx: AttachContext | None = None) -> None:
         r = cfg.rank_for(path)
-        w = self.base_layer.weight
-        factory = {"device": w.device, "dtype": dtype or w.dtype}
+        factory = self._factory(ctx)
         a = torch.empty(r, self.num_embeddings, **factory)
         b = torch.empty(self.embedding_dim, r, **factory)
-        if init:
+        if ctx is None or ctx.init:
             if cfg.init_lora_weights is False:
                 nn.init.normal_(a)  # random non-zero A and B: the adapter changes outputs from the start
                 nn.init.normal_(b)
@@ -214,30 +232,55 @@ class LoraEmbedding(AdapterWrapper):
                 nn.init.normal_(b)
         self.lora_embedding_A[name] = nn.Parameter(a)
         self.lora_embedding_B[name] = nn.Parameter(b)
-        self.scaling[name] = cfg.scaling_for(path)
+        record = LoraRecord(r=r, scaling=cfg.scaling_for(path), use_dora=cfg.use_dora)
+        self.records[name] = record
+        if cfg.use_dora:
+            self.lora_magnitude_vector[name] = dora.Magnitude(self, name, record, ctx is None or ctx.init, factory)
 
     def _refresh(self) -> None:
-        self._active_lora = tuple(
-            (self.lora_embedding_A[n], self.lora_embedding_B[n], self.scaling[n])
-            for n in self.active_names
-            if n not in self.merged_names
-        )
+        magnitudes = self._modules["lora_magnitude_vector"]._modules
+        self._set_plain(_active_lora=tuple((n, magnitudes.get(n), self.records[n].scaling) for n in self._live()))
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._modules["lora_embedding_A"]._parameters[name], self._modules["lora_embedding_B"]._parameters[name]
+
+    def lookup(self, ids: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Rows of Aᵀ for `ids`, with the base embedding's own lookup options."""
+        base = self.base_layer
+        return F.embedding(ids, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        out = base(ids)
-        for a, b, scaling in self._active_lora:
-            h = F.embedding(ids, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-            out = out + ((h @ b.T) * scaling).to(out.dtype)  # (..., r) -> (..., dim)
+        out = self.base_layer(ids)
+        for name, magnitude, scaling in self._active_lora:
+            a, b = self.factors(name)
+            if magnitude is not None:
+                out = magnitude.apply(self, ids, out, False)
+                continue
+            out = out + ((self.lookup(ids, a) @ b.T) * scaling).to(out.dtype)  # (..., r) -> (..., dim)
         return out
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        a = self.lora_embedding_A[name].float()  # (r, num_embeddings)
-        b = self.lora_embedding_B[name].float()  # (dim, r)
-        return (b @ a).T * self.scaling[name]  # (num_embeddings, dim)
+        magnitude = self._modules["lora_magnitude_vector"]._modules.get(name)
+        if magnitude is not None:
+            return magnitude.merged_weight(self) - self.view.float_weight(self.base_layer)
+        a, b = (t.detach().float() for t in self.factors(name))  # (r, num_embeddings), (dim, r)
+        return (b @ a).T * self.records[name].scaling  # (num_embeddings, dim)
 
     def max_delta_bound(self, name: str) -> float:
-        return _product_bound(self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name])
+        a, b = self.factors(name)
+        if name in self._modules["lora_magnitude_vector"]._modules:
+            return float("inf")  # DoRA: checked exactly
+        return product_bound(a, b, self.records[name].scaling)
 
     def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return {"lora_embedding_A": self.lora_embedding_A[name], "lora_embedding_B": self.lora_embedding_B[name]}
+        a, b = self.factors(name)
+        out = {"lora_embedding_A": a, "lora_embedding_B": b}
+        magnitude = self._modules["lora_magnitude_vector"]._modules.get(name)
+        if magnitude is not None:
+            out["lora_magnitude_vector"] = magnitude.weight
+        return out
+
+
+def wrap(module: nn.Module) -> AdapterWrapper:
+    """The LoRA wrapper for a bare layer (for tests and hand-built models; `attach` goes through the method table)."""
+    return LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(module)

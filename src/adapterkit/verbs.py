@@ -1,7 +1,8 @@
 """The verbs over a user's model: attach, activate, disable, delete, merge, unmerge, unload.
 
 The model stays the user's own nn.Module; adapter layers replace target modules in place and a small
-`AdapterState` rides on the model as `model._adapterkit`, recording configs, active names and wrappers.
+`AdapterState` (state.py) rides on the model, recording configs, active names and wrappers. Which layer class a
+module gets comes from the method table (methods/__init__.py), never from a type check here.
 """
 
 from __future__ import annotations
@@ -9,54 +10,23 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .config import LoraConfig
+from .base_layers import view_of
+from .config import AdapterConfig
 from .errors import ConfigError, MergeError, TargetError
-from .methods import lora
-from .methods.base import AdapterWrapper
+from .methods import method_for
+from .methods.base import AdapterWrapper, AttachContext
+from .methods.modules_to_save import TrainableCopy
 from .methods.trainable_tokens import TiedTokensHead, TrainableTokens
-from .modules_to_save import TrainableCopy
-from .targeting import (
-    base_of,
-    expand_targets,
-    find_modules_to_save,
-    find_targets,
-    find_token_targets,
-    is_conv1d,
-    iter_modules,
-)
-
-_STATE_ATTR = "_adapterkit"
+from .state import STATE_ATTR, AdapterState, adapter_state, require_state, unwrap
+from .structure import base_of, embeddings_tied, iter_modules, replace_module, shared_tensor_ids
+from .targeting import expand_targets, find_modules_to_save, find_targets, find_token_targets
 
 
-@dataclass
-class AdapterState:
-    configs: dict[str, LoraConfig] = field(default_factory=dict)
-    active: tuple[str, ...] = ()
-    wrappers: dict[str, AdapterWrapper] = field(default_factory=dict)  # module path -> wrapper
-    disabled: bool = False
-    # requires_grad of every parameter before the first attach: restored when the model is plain again.
-    base_requires_grad: dict[str, bool] = field(default_factory=dict)
-    # tie_word_embeddings before a merge untied something; restored by unmerge.
-    tie_flag_before_merge: bool | None = None
-
-
-def adapter_state(model: nn.Module) -> AdapterState | None:
-    return model.__dict__.get(_STATE_ATTR)
-
-
-def _require_state(model: nn.Module) -> AdapterState:
-    state = adapter_state(model)
-    if state is None or not state.configs:
-        raise ConfigError(f"{type(model).__name__} has no adapters attached; call adapterkit.attach or load first.")
-    return state
-
-
-def adapters(model: nn.Module) -> dict[str, LoraConfig]:
+def adapters(model: nn.Module) -> dict[str, AdapterConfig]:
     """The configs of the adapters attached to `model`, by name (empty for a plain model)."""
     state = adapter_state(model)
     return dict(state.configs) if state else {}
@@ -67,82 +37,65 @@ def active_adapters(model: nn.Module) -> tuple[str, ...]:
     return state.active if state else ()
 
 
-def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model
-    for part in parent_path.split(".") if parent_path else ():
-        parent = parent._modules[part]  # the path came from walking `_modules`; no attribute machinery needed
-    setattr(parent, child, new)
-
-
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-        raise ConfigError(f"adapter name {name!r} must be non-empty letters, digits, '_' or '-' (it becomes a key).")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name) or len(name) > 128:
+        raise ConfigError(f"adapter name {name!r} must be 1-128 letters, digits, '_' or '-' (it becomes a key).")
 
 
 def attach(
-    model: nn.Module, config: LoraConfig, name: str = "default", *, dtype: torch.dtype | None = None, init: bool = True
+    model: nn.Module,
+    config: AdapterConfig,
+    name: str = "default",
+    *,
+    dtype: torch.dtype | None = None,
+    init: bool = True,
 ) -> nn.Module:
     """Add adapter `name` to `model` in place and return the same model.
 
     The base is frozen; the first adapter becomes active and trainable. Later adapters are attached inactive, as in
-    PEFT: `set_active` switches. Adapter tensors take each base layer's dtype and device unless `dtype` is given.
-    Nothing in the model changes when targeting fails.
+    PEFT: `set_active` switches. Adapter tensors take each base layer's compute dtype and device unless `dtype` is
+    given. Nothing in the model changes when targeting fails.
     """
-    if not isinstance(config, LoraConfig):
-        raise ConfigError(f"attach expects an adapterkit.LoraConfig, got {type(config).__name__}.")
+    method = method_for(config)
     _check_name(name)
     state = adapter_state(model)
     if state is not None and name in state.configs:
         raise ConfigError(f"an adapter named {name!r} is already attached; delete it first or choose another name.")
     modules = list(iter_modules(model))  # one walk of the model, shared by the target searches
     cfg = expand_targets(model, config, modules)
-    targets = find_targets(model, cfg, modules)
+    targets = find_targets(model, cfg, method, modules)
     copies = find_modules_to_save(model, cfg)
-    tokens = find_token_targets(model, cfg, {p for p, _ in targets} | {p for p, _ in copies})
+    tokens = find_token_targets(model, cfg, {p for p, _, _ in targets} | {p for p, _ in copies})
     if not targets and not copies and not tokens:
         raise TargetError(
             "the config targets no module: set target_modules, modules_to_save or trainable_token_indices."
         )
-    if any(is_conv1d(base_of(m)) for _, m in targets):
+    if hasattr(cfg, "fan_in_fan_out") and any(view_of(base_of(m)).fan_in_fan_out for _, m, _ in targets):
         cfg = cfg.replace(fan_in_fan_out=True)  # recorded in the file as PEFT does; handled per layer
     if cfg.base_model_name_or_path is None:
         cfg = cfg.replace(base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None)
+
+    # One list of (path, module, layer class): the method's layers, then full copies, then token rows and the heads
+    # tied to them (after the embedding they follow, so they also merge after it).
+    plan = list(targets) + [(p, m, TrainableCopy) for p, m in copies]
+    for path, module, _, follower_paths in tokens:
+        plan.append((path, module, TrainableTokens))
+        plan += [(head, model.get_submodule(head), TiedTokensHead) for head in follower_paths]
 
     if state is None:
         state = AdapterState()
         for pname, p in model.named_parameters():
             state.base_requires_grad[pname] = p.requires_grad
             p.requires_grad_(False)
-        model.__dict__[_STATE_ATTR] = state
-
-    for path, module in targets:
-        wrapper = module if isinstance(module, AdapterWrapper) else lora.wrap(module)
+        model.__dict__[STATE_ATTR] = state
+    ctx = AttachContext(dtype=dtype, init=init)
+    for path, module, layer in plan:
+        wrapper = module if isinstance(module, layer) else layer(module)
         if wrapper is not module:
-            _replace_module(model, path, wrapper)
-        wrapper.add_adapter(name, cfg, path, dtype=dtype, init=init)  # new layers take the base layer's train/eval mode
+            replace_module(model, path, wrapper)
+        wrapper.add_adapter(name, cfg, path, ctx)  # new layers take the base layer's train/eval mode
+        state.wrappers.pop(path, None)
         state.wrappers[path] = wrapper
-    memo: dict = {}
-    for path, module in copies:
-        wrapper = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
-        if wrapper is not module:
-            _replace_module(model, path, wrapper)
-        wrapper.add_adapter(name, memo=memo, dtype=dtype)
-        state.wrappers[path] = wrapper
-    for path, module, indices, follower_paths in tokens:
-        leader = module if isinstance(module, TrainableTokens) else TrainableTokens(module)
-        if leader is not module:
-            _replace_module(model, path, leader)
-        leader.add_adapter(name, indices, dtype=dtype, init=init)
-        state.wrappers[path] = leader
-        for head_path in follower_paths:  # tied heads: attached after the embedding, so they merge after it
-            head = model.get_submodule(head_path)
-            follower = head if isinstance(head, TiedTokensHead) else TiedTokensHead(head, leader)
-            if follower is not head:
-                _replace_module(model, head_path, follower)
-            follower.add_adapter(name)
-            state.wrappers.pop(head_path, None)
-            state.wrappers[head_path] = follower
     state.configs[name] = cfg
     set_active(model, state.active or (name,))
     return model
@@ -150,7 +103,7 @@ def attach(
 
 def set_active(model: nn.Module, names: str | list[str] | tuple[str, ...]) -> None:
     """Make `names` the active adapter(s). Active adapters are trainable (unless in inference mode), others frozen."""
-    state = _require_state(model)
+    state = require_state(model)
     names = (names,) if isinstance(names, str) else tuple(names)
     unknown = [n for n in names if n not in state.configs]
     if unknown:
@@ -174,7 +127,7 @@ def _apply_activation(state: AdapterState) -> None:
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model without any adapter inside the `with` block."""
-    state = _require_state(model)
+    state = require_state(model)
     if any(w.merged_names for w in state.wrappers.values()):
         raise MergeError("adapters are merged into the base weights; unmerge before disabling them.")
     previous = state.disabled
@@ -189,14 +142,15 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 def delete(model: nn.Module, name: str) -> None:
     """Remove adapter `name`; layers left with no adapter are unwrapped. The last delete returns the plain model."""
-    state = _require_state(model)
+    model = unwrap(model)
+    state = require_state(model)
     if name not in state.configs:
         raise ConfigError(f"no adapter named {name!r}; attached adapters: {sorted(state.configs)}.")
     for path, wrapper in list(state.wrappers.items()):
         if name in wrapper.adapter_names:
             wrapper.remove_adapter(name)
             if not wrapper.adapter_names:
-                _replace_module(model, path, wrapper.base_layer)
+                replace_module(model, path, wrapper.base_layer)
                 del state.wrappers[path]
     del state.configs[name]
     state.active = tuple(n for n in state.active if n != name)
@@ -210,14 +164,15 @@ def _forget(model: nn.Module, state: AdapterState) -> None:
     for pname, p in model.named_parameters():
         if pname in state.base_requires_grad:
             p.requires_grad_(state.base_requires_grad[pname])
-    del model.__dict__[_STATE_ATTR]
+    del unwrap(model).__dict__[STATE_ATTR]
 
 
 def _check_mergeable(state: AdapterState, names: tuple[str, ...]) -> None:
     """Refuse a non-finite delta before any weight changes. A cheap norm bound clears almost every layer."""
     for path, wrapper in state.wrappers.items():
-        weight = wrapper.base_layer.weight
-        limit = torch.finfo(weight.dtype).max / 4 if weight.dtype.is_floating_point else float("inf")
+        stored = wrapper.view.stored_dtype(wrapper.base_layer) if wrapper.method != "modules_to_save" else None
+        weight_dtype = stored if stored is not None and stored.is_floating_point else torch.float32
+        limit = torch.finfo(weight_dtype).max / 4
         for name in names:
             if name not in wrapper.adapter_names or name in wrapper.merged_names:
                 continue
@@ -230,9 +185,9 @@ def _check_mergeable(state: AdapterState, names: tuple[str, ...]) -> None:
                     f"adapter {name!r} has a non-finite (NaN/Inf) update at {path!r}; merge refused and no weight "
                     "was changed. Check the training run (learning rate, loss scaling) that produced it."
                 )
-            if not torch.isfinite(delta.to(weight.dtype)).all():
+            if not torch.isfinite(delta.to(weight_dtype)).all():
                 raise MergeError(
-                    f"adapter {name!r} at {path!r} overflows {weight.dtype} when merged; merge refused and no weight "
+                    f"adapter {name!r} at {path!r} overflows {weight_dtype} when merged; merge refused and no weight "
                     "was changed. Merge into a wider dtype (e.g. model.float())."
                 )
 
@@ -243,7 +198,8 @@ def merge(model: nn.Module, names: str | list[str] | None = None, *, keep_origin
     Weights tied to another module (shared input/output embeddings) are untied for the merged module only, so the
     merged model computes what the unmerged one did; `tie_word_embeddings` in the model config follows.
     """
-    state = _require_state(model)
+    model = unwrap(model)
+    state = require_state(model)
     chosen = state.active if names is None else ((names,) if isinstance(names, str) else tuple(names))
     unknown = [n for n in chosen if n not in state.configs]
     if unknown:
@@ -255,25 +211,17 @@ def _merge(model: nn.Module, state: AdapterState, chosen: tuple[str, ...], keep_
     if not chosen:
         raise MergeError("no adapter is active, so there is nothing to merge; pass names=[...] or set_active first.")
     _check_mergeable(state, chosen)
-    shared = set() if keep_original else _shared_tensor_ids(model)
+    shared = set() if keep_original else shared_tensor_ids(model)
     for wrapper in state.wrappers.values():
         names = tuple(n for n in chosen if n in wrapper.adapter_names)
         wrapper.merge(names, keep_original=keep_original, shared=keep_original or id(wrapper.weight) in shared)
     _sync_tie_flag(model, state)
 
 
-def _shared_tensor_ids(model: nn.Module) -> set[int]:
-    """ids of parameters reachable under more than one name (tied weights)."""
-    seen: set[int] = set()
-    shared: set[int] = set()
-    for _, p in model.named_parameters(remove_duplicate=False):
-        (shared if id(p) in seen else seen).add(id(p))
-    return shared
-
-
 def unmerge(model: nn.Module) -> None:
     """Undo `merge`: the original base weight tensors are put back (bit-exact, ties restored)."""
-    state = _require_state(model)
+    model = unwrap(model)
+    state = require_state(model)
     for wrapper in state.wrappers.values():
         wrapper.unmerge()
     if state.tie_flag_before_merge is not None:
@@ -287,7 +235,8 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     merge=False gives back the original model exactly (trained `modules_to_save` copies are dropped too);
     merge=True folds the active adapters in first and keeps trained `modules_to_save` copies in place of the originals.
     """
-    state = _require_state(model)
+    model = unwrap(model)
+    state = require_state(model)
     if merge:
         _merge(model, state, state.active, keep_original=False)
     else:
@@ -296,7 +245,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         replacement = wrapper.base_layer
         if merge and isinstance(wrapper, TrainableCopy):
             replacement = wrapper._current
-        _replace_module(model, path, replacement)
+        replace_module(model, path, replacement)
     _forget(model, state)
     return model
 
@@ -312,21 +261,6 @@ def _set_tie_flag(model: nn.Module, value: bool) -> None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else None
     if text is not None and text is not config and hasattr(text, "tie_word_embeddings"):
         text.tie_word_embeddings = value
-
-
-def embeddings_tied(model: nn.Module) -> bool | None:
-    """Whether the input and output embeddings share one weight tensor now (None when the model has no such pair)."""
-    get_in = getattr(model, "get_input_embeddings", None)
-    get_out = getattr(model, "get_output_embeddings", None)
-    if get_in is None or get_out is None:
-        return None
-    try:
-        emb, head = get_in(), get_out()
-    except (AttributeError, NotImplementedError):
-        return None
-    if emb is None or head is None:
-        return None
-    return emb.weight is head.weight
 
 
 def _sync_tie_flag(model: nn.Module, state: AdapterState) -> None:

@@ -11,30 +11,34 @@ import copy
 import torch
 from torch import nn
 
-from .methods.base import AdapterWrapper
+from ..base_layers import BaseView
+from .base import AdapterWrapper, AttachContext
 
 
 class TrainableCopy(AdapterWrapper):
     """Holds `base_layer` (the original, frozen) and `modules_to_save[name]` (trainable copies); forwards to one."""
 
-    adapter_containers = ("modules_to_save",)
+    method = "modules_to_save"
+    containers = ("modules_to_save",)
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
+    def __init__(self, base_layer: nn.Module, view=None) -> None:
+        super().__init__(base_layer, view=_AnyModule)
         self.modules_to_save = self._container(nn.ModuleDict)
         # Hot path: the module forward runs. Kept out of `_modules` (set through __dict__), so it is not a second
         # registered child: no duplicate state-dict keys, no phantom tie between `_current` paths.
         self.__dict__["_current"] = base_layer
 
-    def add_adapter(self, name: str, memo: dict | None = None, dtype: torch.dtype | None = None) -> None:
+    def add_adapter(self, name: str, cfg=None, path: str = "", ctx: AttachContext | None = None) -> None:
         # One deepcopy memo across all copies made for one adapter keeps tensors that the originals share (tied
         # embedding and head) shared between the copies too.
-        new = copy.deepcopy(self.base_layer, memo if memo is not None else {})
-        if dtype is not None:
-            new.to(dtype)
+        memo = ctx.shared.setdefault("modules_to_save_memo", {}) if ctx is not None else {}
+        new = copy.deepcopy(self.base_layer, memo)
+        if ctx is not None and ctx.dtype is not None:
+            new.to(ctx.dtype)
         for p in new.parameters():
             p.requires_grad_(True)
         self.modules_to_save[name] = new
+        self.records[name] = None  # a copy has no scalars of its own
 
     def _refresh(self) -> None:
         # A merged copy stays in use whatever is active, just as merged LoRA weights do.
@@ -51,12 +55,15 @@ class TrainableCopy(AdapterWrapper):
     def merge(self, names: tuple[str, ...], keep_original: bool = True, shared: bool = True) -> None:
         names = tuple(n for n in names if n in self.modules_to_save)
         if names:
-            self.merged_names = names[-1:]
+            self._set_plain(merged_names=names[-1:])
             self._refresh()
 
     def unmerge(self) -> None:
-        self.merged_names = ()
+        self._set_plain(merged_names=())
         self._refresh()
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        raise NotImplementedError("a modules_to_save copy replaces its module; it has no delta")
 
     def max_delta_bound(self, name: str) -> float:
         return 0.0 if all(torch.isfinite(p).all() for p in self.modules_to_save[name].parameters()) else float("inf")
@@ -64,3 +71,17 @@ class TrainableCopy(AdapterWrapper):
     @property
     def weight(self) -> torch.Tensor:
         return self._current.weight
+
+
+class _AnyModule(BaseView):
+    """The base-layer view of a module copied whole: any module type."""
+
+    kind = "module"
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        return True
+
+    @staticmethod
+    def compute_dtype(module: nn.Module) -> torch.dtype:
+        return next(module.parameters()).dtype

@@ -7,7 +7,7 @@ import torch
 
 import adapterkit as ak
 from adapterkit.methods.base import AdapterWrapper
-from adapterkit.model import adapter_state
+from adapterkit.state import adapter_state
 from helpers import assert_state_equal, assert_unchanged, build, input_ids, logits, snapshot
 
 ATTN = ["q_proj", "v_proj"]
@@ -175,8 +175,8 @@ def test_attach_errors_leave_the_model_alone() -> None:
         ak.attach(model, ak.LoraConfig(target_modules=ATTN))
     with pytest.raises(ak.ConfigError, match="bad name"):
         ak.attach(model, ak.LoraConfig(target_modules=ATTN), name="bad name")
-    with pytest.raises(ak.ConfigError, match="use_dora"):
-        ak.attach(model, ak.LoraConfig(target_modules=ATTN, use_dora=True), name="dora")
+    with pytest.raises(ak.ConfigError, match="expected an adapter config"):
+        ak.attach(model, {"r": 4}, name="dict")
     assert_unchanged(model, before)
 
 

@@ -1,4 +1,4 @@
-"""Tests for adapterkit.models: model specs, the cache location and its atomic writes, the embedded SmolLM2."""
+"""Tests for adapterkit.base_models: model specs, the cache location and its atomic writes, the embedded SmolLM2."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterkit import models
-from adapterkit.models import DEFAULT_MODEL, ModelNotFoundError, cache_dir, load_model, resolve_model
+from adapterkit import base_models as models
+from adapterkit.base_models import DEFAULT_MODEL, ModelNotFoundError, cache_dir, load_model, resolve_model
 
 WORDS = ["<unk>", "<s>", "</s>", "hello", "world"]
 
@@ -145,7 +145,7 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch, isolated_cach
 
 
 def test_importing_stays_cheap():
-    code = "import adapterkit.models, adapterkit.data, sys; print('transformers' in sys.modules)"
+    code = "import adapterkit.base_models, adapterkit.data, sys; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

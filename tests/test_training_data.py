@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterkit.data import (
+from adapterkit.training_data import (
     DEMO_PROMPTS,
     HELD_OUT_PROMPTS,
     IGNORE_INDEX,

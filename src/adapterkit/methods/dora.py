@@ -1,0 +1,117 @@
+"""DoRA (Liu et al., 2024; PEFT's `LoraConfig(use_dora=True)`): LoRA whose merged weight is renormalised per row.
+
+    W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖        the norm detached (the paper's §4.3), m trained, init ‖W + s·B·A‖
+
+Per layer type, as PEFT defines it (M below is the matrix whose rows are normalised, stored as `lora_magnitude_vector`):
+- nn.Linear: M = W (out, in); m (out,). Conv1D stores W as (in, out): M = Wᵀ, m (out,).
+- nn.Embedding: M = Wᵀ (dim, num_embeddings), so m (dim,) scales each embedding *dimension*, normalised over the vocab.
+
+Forward, with y = the base output without bias and l = s·B(A(x)):
+- linear, no dropout:   out = (y + l) ⊙ m/‖·‖ + bias
+- linear, dropout on:   out = base(x) + (m/‖·‖ − 1) ⊙ (W·drop(x)) + m/‖·‖ ⊙ s·B(A(drop(x)))   (PEFT's formula)
+- embedding:            out = (base(ids) + l) ⊙ m/‖·‖
+
+The row norm is computed without forming M + s·B·A: ‖M_i‖² + 2s·(B ⊙ (M Aᵀ))_i·1 + s²·(B (A Aᵀ) ⊙ B)_i·1, so a step
+costs one (rows × cols × r) product and an r×r Gram matrix; ‖M_i‖² of the frozen base is computed once and cached.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+
+class Magnitude(nn.Module):
+    """`lora_magnitude_vector.<name>.weight` of one DoRA adapter, and the DoRA forward and merge of its layer."""
+
+    def __init__(self, layer: nn.Module, name: str, record, init: bool, factory: dict) -> None:
+        super().__init__()
+        self.__dict__.update(name=name, record=record, training=layer.training, _cache=None, _sq=None)
+        rows = layer.embedding_dim if _is_embedding(layer) else layer.out_features
+        weight = torch.empty(rows, **factory)
+        if init:
+            with torch.no_grad():
+                weight.copy_(self.norm(layer))  # m = ‖W + s·B·A‖: DoRA starts as the LoRA it wraps
+        self.register_parameter("weight", nn.Parameter(weight))
+
+    def _factors(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as (r, cols) and (rows, r) of M's row space (see the module docstring)."""
+        if _is_embedding(layer):
+            return layer.factors(self.name)  # A (r, num), B (dim, r)
+        return layer.lora_A[self.name].weight, layer.lora_B[self.name].weight  # A (r, in), B (out, r)
+
+    def _matrix(self, layer: nn.Module) -> torch.Tensor:
+        """M in the base's stored dtype (dequantized if packed): the matrix whose rows DoRA normalises."""
+        base = layer.base_layer
+        weight = base.weight if not layer.view.quantized(base) else layer.view.float_weight(base)
+        transposed = _is_embedding(layer) or layer.view.fan_in_fan_out
+        return weight.detach().T if transposed else weight.detach()
+
+    def norm(self, layer: nn.Module) -> torch.Tensor:
+        """‖M + s·B·A‖ per row, float32, detached; cached while A, B and the base weight are unchanged."""
+        a, b = self._factors(layer)
+        weight = layer.base_layer.weight
+        versions = (a._version, b._version, weight._version, a.data_ptr(), b.data_ptr(), weight.data_ptr())
+        cached = self._cache
+        if cached is not None and cached[0] is a and cached[1] is b and cached[2] is weight and cached[3] == versions:
+            return cached[4]
+        with torch.no_grad():
+            m = self._matrix(layer)
+            sq = self._sq
+            if sq is None or sq[0] is not weight or sq[1] != (weight._version, weight.data_ptr()):
+                sq = (weight, (weight._version, weight.data_ptr()), m.float().pow(2).sum(1))  # frozen: once
+                self.__dict__["_sq"] = sq
+            norm = row_norm(m, a.detach(), b.detach(), self.record.scaling, sq[2])
+        self.__dict__["_cache"] = (a, b, weight, versions, norm)
+        return norm
+
+    def apply(self, layer: nn.Module, h: torch.Tensor, out: torch.Tensor, dropped: bool) -> torch.Tensor:
+        """The layer's output with this DoRA adapter applied. h: the adapter's input (dropped out if `dropped`)."""
+        scale = (self.weight / self.norm(layer).to(self.weight.dtype)).to(out.dtype)  # (rows,)
+        s = self.record.scaling
+        if _is_embedding(layer):
+            a, b = layer.factors(self.name)
+            lora = (layer.lookup(h, a) @ b.T) * s  # (..., dim)
+            return (out + lora.to(out.dtype)) * scale
+        lora = (layer.lora_B[self.name](layer.lora_A[self.name](h)) * s).to(out.dtype)  # (..., out)
+        base = layer.base_layer
+        bias = getattr(base, "bias", None)
+        if not dropped:
+            y = out if bias is None else out - bias
+            result = (y + lora) * scale
+            return result if bias is None else result + bias
+        weight = self._matrix(layer)  # (out, in) in the stored dtype
+        base_h = F.linear(h.to(weight.dtype), weight).to(out.dtype)
+        return out + (scale - 1) * base_h + scale * lora
+
+    def merged_weight(self, layer: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 m/‖·‖ ⊙ (weight + s·B·A) in the base's stored layout; `weight`: the running merge (default base)."""
+        a, b = (t.detach().float() for t in self._factors(layer))
+        factor = self.weight.detach().float() / self.norm(layer)  # (rows,)
+        delta = (b @ a) * self.record.scaling  # (rows, cols) of M
+        if weight is None:
+            weight = layer.view.float_weight(layer.base_layer)
+        if _is_embedding(layer) or layer.view.fan_in_fan_out:
+            return (weight + delta.T) * factor[None, :]  # stored (cols, rows): factor scales columns
+        return (weight + delta) * factor[:, None]
+
+
+def row_norm(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, m_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """‖M + s·B·A‖₂ per row in float32 without forming the (rows, cols) sum. M (rows, cols), A (r, cols), B (rows, r).
+
+    m_sq: ‖M_i‖² when the caller has it (a frozen base's is constant). M·Aᵀ runs in M's dtype (accumulated in float32
+    by the GEMM), so a bf16 base costs no float32 copy of M.
+    """
+    if m_sq is None:
+        m_sq = m.float().pow(2).sum(1)
+    b32 = b.float()
+    ma = torch.mm(m, a.to(m.dtype).T).float()  # (rows, r)
+    gram = a.float() @ a.float().T  # (r, r)
+    sq = m_sq + 2 * s * (b32 * ma).sum(1) + (s * s) * ((b32 @ gram) * b32).sum(1)
+    return sq.clamp_min(0).sqrt()
+
+
+def _is_embedding(layer: nn.Module) -> bool:
+    return layer.view.kind == "embedding"
