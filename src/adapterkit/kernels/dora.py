@@ -183,7 +183,7 @@ class _DoraLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w_lin, bias, lora_a, lora_b, magnitude, norm, scaling, p, seed, recompute):
+    def forward(ctx, x, w_lin, bias, lora_a, lora_b, magnitude, norm, scaling, p, seed, recompute, from_output):
         lead, n_in = x.shape[:-1], x.shape[-1]
         x2d = x.reshape(-1, n_in)  # (N, in)
         mask = torch_keep_mask(x2d.shape, p, seed, x.device) if p > 0.0 else None
@@ -205,7 +205,12 @@ class _DoraLinearFn(torch.autograd.Function):
         need_x, need_a, need_b, need_m = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
         ctx.scaling, ctx.p, ctx.seed, ctx.lead = scaling, p, seed, lead
         ctx.x2d_shape, ctx.m_dtype = x2d.shape, magnitude.dtype
-        keep_y = need_m and not recompute
+        # from_output (no dropout): m's gradient needs y_pre / n = (out - b) / m, and `out` is usually saved by the
+        # next op anyway (RoPE, SiLU, the gate product share its storage), so keeping it costs little.
+        from_output = from_output and mask is None and need_m
+        ctx.from_output = from_output
+        recompute = recompute and not from_output
+        keep_y = need_m and not recompute and not from_output
         ctx.save_for_backward(
             x2d if (need_a or (need_m and recompute)) else None,
             w_lin if (need_x or (need_m and recompute)) else None,
@@ -215,12 +220,15 @@ class _DoraLinearFn(torch.autograd.Function):
             c_minus_1,
             norm,
             y_pre if keep_y else None,
+            out if from_output else None,
+            bias if from_output else None,
+            magnitude.detach() if from_output else None,
         )
         return out.view(*lead, out.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, w_lin, lora_a, lora_b, xa, c_minus_1, norm, y_pre = ctx.saved_tensors
+        x2d, w_lin, lora_a, lora_b, xa, c_minus_1, norm, y_pre, out, bias, magnitude = ctx.saved_tensors
         need_x, need_a, need_b, need_m = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
         s, p = ctx.scaling, ctx.p
         g = dy.reshape(-1, dy.shape[-1])  # (N, out)
@@ -230,7 +238,10 @@ class _DoraLinearFn(torch.autograd.Function):
         if p > 0.0 and (need_x or need_a or (need_m and y_pre is None)):
             mask = torch_keep_mask(ctx.x2d_shape, p, ctx.seed, g.device)  # regenerated from the seed, never stored
         dx = da = db = dm = None
-        if need_m:
+        if need_m and ctx.from_output:
+            y_over_n = (out.float() - bias.float()) if bias is not None else out.float()  # (N, out) = c·y_pre
+            dm = (g.float() * y_over_n).sum(0).div_(magnitude.float()).to(ctx.m_dtype)  # Σ g·y_pre / n
+        elif need_m:
             if y_pre is None:  # recompute: x_d W_linᵀ + s·(x_d Aᵀ) Bᵀ
                 xd = x2d * mask * (1.0 / (1.0 - p)) if mask is not None else x2d
                 y_pre = xd @ w_lin.t()
@@ -252,7 +263,7 @@ class _DoraLinearFn(torch.autograd.Function):
                     dx.addmm_(g_c1, w_lin).mul_(mask).mul_(1.0 / (1.0 - p))
                     dx.addmm_(g, w_lin)  # the undropped base path
                 dx = dx.view(*ctx.lead, dx.shape[-1])
-        return dx, None, None, da, db, dm, None, None, None, None, None
+        return dx, None, None, da, db, dm, None, None, None, None, None, None
 
 
 def dora_linear(
@@ -270,6 +281,8 @@ def dora_linear(
     fan_in_fan_out: bool = False,
     seed: int | None = None,
     recompute: bool = False,
+    from_output: bool = False,
+    norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PEFT's DoRA output of a Linear / Conv1D layer (base included), differentiable for x, A, B and m.
 
@@ -288,6 +301,10 @@ def dora_linear(
             `lora_linear.torch_keep_mask(x.reshape(-1, in).shape, p, seed, x.device)`.
         recompute: recompute x_d W_linᵀ in backward for m's gradient instead of saving the (N, out) pre-scale output:
             less saved memory, one more (N, in, out) GEMM per backward.
+        from_output: without dropout, take m's gradient from the saved output, Σ g ⊙ (y - b) / m, instead of the
+            pre-scale output: no extra GEMM, and the output is usually kept by the next op anyway. (m must be
+            non-zero; a zero magnitude gives a non-finite gradient for that row.) With dropout: `recompute`.
+        norm: n when the caller has it (cached while A, B and W are unchanged); computed here when None.
 
     Returns (..., out) in x's dtype. Adapters in another dtype than x are cast to it (differentiably).
     Falls back to `dora_linear_reference` (same values, more saved memory) when the base weight or bias requires
@@ -296,7 +313,8 @@ def dora_linear(
     p = float(dropout_p) if training else 0.0
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    norm = dora_weight_norm(weight, lora_a, lora_b, scaling, fan_in_fan_out, weight_sq_norm)  # (out,) fp32
+    if norm is None:
+        norm = dora_weight_norm(weight, lora_a, lora_b, scaling, fan_in_fan_out, weight_sq_norm)  # (out,) fp32
     if p > 0.0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     base_trainable = (weight.requires_grad or (bias is not None and bias.requires_grad)) and torch.is_grad_enabled()
@@ -310,7 +328,8 @@ def dora_linear(
     w_lin = _as_out_in(weight, fan_in_fan_out).to(x.dtype)
     bias = bias.to(x.dtype) if bias is not None else None
     a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-    return _DoraLinearFn.apply(x, w_lin, bias, a, b, magnitude, norm, float(scaling), p, seed, recompute)
+    return _DoraLinearFn.apply(x, w_lin, bias, a, b, magnitude, norm, float(scaling), p, seed, recompute,
+                               from_output)
 
 
 def dora_embedding(
