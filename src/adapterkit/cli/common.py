@@ -19,6 +19,26 @@ class CliError(Exception):
     """An error whose message is shown to the user as is."""
 
 
+def pyplot(what: str):
+    """matplotlib.pyplot on the file-only Agg backend, or None after a one-line note that `what` was skipped.
+
+    Plots are the one part of the command that works without matplotlib (a part of the `cli` extra).
+    """
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        if exc.name != "matplotlib":
+            raise
+        from .main import install_hint
+
+        console.print(f"{what} skipped: matplotlib is not installed ({install_hint('matplotlib')})", markup=False)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def torch_dtype(name: str):
     import torch
 
