@@ -129,3 +129,13 @@ def test_other_missing_module_is_still_unexpected(cli, monkeypatch, trained_adap
     assert code == 1
     assert stderr == ("error: unexpected ModuleNotFoundError: No module named 'zzz_private' "
                       "(rerun with --debug for the traceback)\n")
+
+
+def test_gguf_model_without_gguf_names_the_extra(cli, monkeypatch, tmp_path, chat_data):
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    model = tmp_path / "model.Q4.gguf"
+    model.write_bytes(b"GGUF")
+    code, _, err = cli("train", "--model", model, "--data", chat_data, "--out", tmp_path / "ad")
+    assert code == 1
+    assert err == f"error: reading a GGUF model needs the gguf package, which is not installed: {HINT}\n"
+    assert not (tmp_path / "ad").exists()
