@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from .common import console, human_size
+from .common import console, human_size, pyplot
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -104,8 +104,7 @@ def inspect_command(
     if plot is not None:
         if not norms:
             console.print("no LoRA pairs to plot")
-        else:
-            plot_heatmap(norms, plot, title=f"||ΔW||_F per module: {folder.name}")
+        elif plot_heatmap(norms, plot, title=f"||ΔW||_F per module: {folder.name}"):
             console.print(f"{'plot':<{width}}  {plot}")
 
 
@@ -158,13 +157,15 @@ def _fingerprint_rows(metadata: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def plot_heatmap(norms: dict[str, float], path: Path, title: str = "") -> None:
-    """Heatmap of ||ΔW|| with module types (q_proj, ...) as rows and layer indices as columns."""
-    import matplotlib
+def plot_heatmap(norms: dict[str, float], path: Path, title: str = "") -> bool:
+    """Heatmap of ||ΔW|| with module types (q_proj, ...) as rows and layer indices as columns.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    False (after a note) where matplotlib is missing.
+    """
+    plt = pyplot("plot")
+    if plt is None:
+        return False
+    import numpy as np  # a dependency of matplotlib
 
     grid: dict[str, dict[int, float]] = defaultdict(dict)
     for module_path, value in norms.items():
@@ -188,3 +189,4 @@ def plot_heatmap(norms: dict[str, float], path: Path, title: str = "") -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+    return True

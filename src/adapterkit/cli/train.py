@@ -1,4 +1,5 @@
-"""`adapterkit train`: fine-tune a LoRA adapter on a JSONL/text file and write it with a loss plot and a JSON log."""
+"""`adapterkit train`: fine-tune a LoRA adapter on a JSONL/text file and write it with a JSON log and a loss plot
+(the plot where matplotlib is installed)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from .common import CliError, console, human_size, load_base
+from .common import CliError, console, human_size, load_base, pyplot
 
 # Defaults tuned on the shipped dataset and SmolLM2-135M on 2 CPU cores: all linear layers at r=16 learn the facts
 # in ~100 steps of 8 examples (about two minutes); attention-only targets need about twice the steps.
@@ -47,7 +48,7 @@ def train_command(
                                                    "(repeat or comma-separate)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
 ) -> None:
-    """Fine-tune a LoRA adapter; writes the adapter, loss.png and training.json to --out. Ctrl-C saves the last step."""
+    """Fine-tune a LoRA adapter; writes the adapter, training.json and loss.png to --out. Ctrl-C saves the last step."""
     import torch
 
     import adapterkit as ak
@@ -115,7 +116,7 @@ def train_command(
         **result.to_dict(),
     }
     (saved / "training.json").write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
-    _plot_loss(result, saved / "loss.png")
+    plotted = _plot_loss(result, saved / "loss.png")
 
     size = (saved / "adapter_model.safetensors").stat().st_size
     if result.stopped_by_time:
@@ -126,7 +127,9 @@ def train_command(
     before = "n/a" if result.eval_before is None else f"{result.eval_before:.3f}"
     after = "n/a" if result.eval_after is None else f"{result.eval_after:.3f}"
     console.print(f"eval loss {before} -> {after}; {result.completed_steps} steps in {result.seconds:.1f} s")
-    console.print(f"saved  {saved}/ (adapter_model.safetensors {human_size(size)}, loss.png, training.json)")
+    written = ", ".join([f"adapter_model.safetensors {human_size(size)}", *(["loss.png"] if plotted else []),
+                         "training.json"])
+    console.print(f"saved  {saved}/ ({written})")
 
 
 def _split(values: Optional[list[str]]) -> list[str]:
@@ -214,12 +217,11 @@ def _train_with_progress(model, train_set, eval_set, tcfg, pad_id, train):
     return result
 
 
-def _plot_loss(result, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot_loss(result, path: Path) -> bool:
+    """Write the loss curve to `path`; False (after a note) where matplotlib is missing."""
+    plt = pyplot("loss plot")
+    if plt is None:
+        return False
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     steps = [s.step for s in result.steps]
     ax.plot(steps, [s.loss for s in result.steps], label="train loss", lw=1.2)
@@ -236,3 +238,4 @@ def _plot_loss(result, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return True
