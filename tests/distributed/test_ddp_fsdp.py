@@ -25,12 +25,6 @@ LR = 0.5
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 TARGETS = {"linear": ["q_proj", "v_proj"], "embedding": ["embed_tokens"]}
 
-EMBEDDING_CACHES_PARAMETERS = (
-    "methods/lora.py LoraEmbedding._refresh caches the nn.Parameter objects of lora_embedding_A/B in "
-    "_active_lora and forward reads them from there; fully_shard swaps the module's parameters for new sharded "
-    "DTensor parameters (and the unsharded ones during forward/backward) without calling _refresh, so forward keeps "
-    "using the stale pre-shard tensors: the optimizer's parameters get no gradient and never change"
-)
 FINGERPRINT_READS_DTENSOR = (
     "checkpoint/fingerprint.py _gather calls weight.numpy() on each signed base weight; under FSDP2 the base "
     "weights are DTensor shards and .numpy() raises 'not supported for tensor subclasses' (a shard would also give "
@@ -210,7 +204,7 @@ def test_ddp_training_matches_single_process(target):
 
 @pytest.mark.parametrize(
     "target",
-    ["linear", pytest.param("embedding", marks=pytest.mark.xfail(strict=True, reason=EMBEDDING_CACHES_PARAMETERS))],
+    ["linear", "embedding"],
 )
 def test_fsdp2_training_matches_single_process(target):
     before, want = single_process_weights(target)
@@ -223,12 +217,7 @@ def test_fsdp2_training_matches_single_process(target):
     "wrapped",
     [
         pytest.param(False, id="module"),
-        pytest.param(True, id="ddp", marks=pytest.mark.xfail(strict=True, reason=(
-            "model.py _require_state (called first by checkpoint/save.py save) looks for the adapter state in "
-            "model.__dict__['_adapterkit'] of the object it is given; DistributedDataParallel keeps the user's "
-            "model as .module and has no such entry, so save raises ConfigError 'DistributedDataParallel has no "
-            "adapters attached' instead of saving the wrapped model's adapters"
-        ))),
+        pytest.param(True, id="ddp"),
     ],
 )
 def test_ddp_rank0_save_matches_single_process(tmp_path, wrapped):
