@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .dora_reference import dora_linear_reference
 from .lora_linear import torch_keep_mask
 
 # Rows of W cast to float32 at a time when W is not float32 (bf16/fp16 base): bounds the temporary to this many
@@ -319,8 +320,6 @@ def dora_linear(
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     base_trainable = (weight.requires_grad or (bias is not None and bias.requires_grad)) and torch.is_grad_enabled()
     if base_trainable or torch.is_autocast_enabled(x.device.type):
-        from .dora_reference import dora_linear_reference
-
         mask = torch_keep_mask(x.reshape(-1, x.shape[-1]).shape, p, seed, x.device).view(x.shape) if p else None
         return dora_linear_reference(
             x, weight, bias, lora_a, lora_b, magnitude, scaling, p, p > 0.0, mask, fan_in_fan_out=fan_in_fan_out
