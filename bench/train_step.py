@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 GIB = 1024**3
+PROFILE = False  # --profile: print the top CUDA ops of two steps per row
 
 # Model shapes. Llama-3.2-1B: tied embeddings, GQA 32/8; SmolLM2-135M: tied, GQA 9/3.
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -145,6 +146,15 @@ def run_case(case: Case, shape, dtype, device, batch, seq, warmup, steps) -> Res
         b.synchronize()
         times.append(a.elapsed_time(b))
     peak = torch.cuda.max_memory_allocated() / GIB
+    if PROFILE:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+        print(f"-- profile of 2 steps: {case.label}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     del step
     gc.collect()
     torch.cuda.synchronize()
@@ -420,7 +430,10 @@ def main():
     ap.add_argument("--steps", type=int)
     ap.add_argument("--rank", type=int, default=16, help="rank for --micro")
     ap.add_argument("--sweep", action="store_true", help="--micro: also sweep Triton launch shapes")
+    ap.add_argument("--profile", action="store_true", help="GPU: print the top CUDA ops of two steps per row")
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     if args.micro:
         main_micro(args)
     else:

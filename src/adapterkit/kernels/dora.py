@@ -166,6 +166,10 @@ def dora_weight_norm(
             weight_sq_norm = row_sq_norm(weight, fan_in_fan_out)
         if w_lin.dtype == torch.float32:
             wa = w_lin @ a.t()  # (out, r)
+        elif w_lin.is_cuda:
+            # One tensor-core GEMM in the weight's dtype (float32 accumulation, the (out, r) result rounded once);
+            # casting W block by block to float32 was ~1,000 small launches per step on a 1B model.
+            wa = (w_lin @ a.to(w_lin.dtype).t()).float()
         else:
             wa = torch.cat([w_lin[i:j].float() @ a.t() for i, j in _row_blocks(w_lin)])  # (out, r)
         gram = a @ a.t()  # (r, r)
@@ -195,7 +199,8 @@ class _DoraLinearFn(torch.autograd.Function):
         y_pre = xd @ w_lin.t()  # (N, out)
         y_pre.addmm_(xa, lora_b.t(), alpha=scaling)  # += s·(x_d Aᵀ) Bᵀ
         if mask is None:
-            out = torch.addcmul(y_pre, y_pre, c_minus_1)  # c ⊙ y_pre, written as y_pre + (c-1) ⊙ y_pre
+            keeps_y = ctx.needs_input_grad[5] and not (recompute or from_output)
+            out = y_pre * (c_minus_1 + 1) if keeps_y else y_pre.mul_(c_minus_1 + 1)  # c ⊙ y_pre
             if bias is not None:
                 out.add_(bias)
         else:
@@ -233,15 +238,18 @@ class _DoraLinearFn(torch.autograd.Function):
         need_x, need_a, need_b, need_m = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
         s, p = ctx.scaling, ctx.p
         g = dy.reshape(-1, dy.shape[-1])  # (N, out)
-        g_c1 = g * c_minus_1  # (c-1) ⊙ g
-        gc = g_c1 + g  # c ⊙ g
+        gc = g * (c_minus_1 + 1)  # c ⊙ g
+        g_c1 = gc - g if p > 0.0 else None  # (c-1) ⊙ g, only the dropout path needs it
         mask = None
         if p > 0.0 and (need_x or need_a or (need_m and y_pre is None)):
             mask = torch_keep_mask(ctx.x2d_shape, p, ctx.seed, g.device)  # regenerated from the seed, never stored
         dx = da = db = dm = None
         if need_m and ctx.from_output:
-            y_over_n = (out.float() - bias.float()) if bias is not None else out.float()  # (N, out) = c·y_pre
-            dm = (g.float() * y_over_n).sum(0).div_(magnitude.float()).to(ctx.m_dtype)  # Σ g·y_pre / n
+            # Σ_N g ⊙ y_pre / n = Σ_N g ⊙ (out - b) / m: one product pass, reduced in float32.
+            dm = (g * out).sum(0, dtype=torch.float32)
+            if bias is not None:
+                dm -= bias.float() * g.sum(0, dtype=torch.float32)
+            dm = dm.div_(magnitude.float()).to(ctx.m_dtype)
         elif need_m:
             if y_pre is None:  # recompute: x_d W_linᵀ + s·(x_d Aᵀ) Bᵀ
                 xd = x2d * mask * (1.0 / (1.0 - p)) if mask is not None else x2d
