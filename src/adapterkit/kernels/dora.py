@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .dora_reference import dora_linear_reference
-from .lora_linear import torch_keep_mask
+from .lora_linear import _scaled_mm, torch_keep_mask
 
 # Rows of W cast to float32 at a time when W is not float32 (bf16/fp16 base): bounds the temporary to this many
 # elements instead of a full float32 copy of W.
@@ -172,9 +172,9 @@ def dora_weight_norm(
             wa = (w_lin @ a.to(w_lin.dtype).t()).float()
         else:
             wa = torch.cat([w_lin[i:j].float() @ a.t() for i, j in _row_blocks(w_lin)])  # (out, r)
-        gram = a @ a.t()  # (r, r)
-        bg = b @ gram  # (out, r)
-        sq = weight_sq_norm.float() + (2.0 * scaling) * (b * wa).sum(1) + (scaling * scaling) * (bg * b).sum(1)
+        # n² = ‖W‖² + rowsum(B ⊙ (2s·W Aᵀ + s²·B (A Aᵀ))): few launches, as this runs per layer per step.
+        cross = torch.addmm(wa, b, a @ a.t(), beta=2.0 * scaling, alpha=scaling * scaling)  # (out, r)
+        sq = torch.linalg.vecdot(b, cross).add_(weight_sq_norm.float())
         return sq.clamp_(min=0.0).sqrt_()  # (out,)
 
 
@@ -196,8 +196,9 @@ class _DoraLinearFn(torch.autograd.Function):
         c_minus_1 = (magnitude.detach().float() / norm - 1.0).to(x.dtype)  # (out,)
 
         xa = xd @ lora_a.t()  # (N, r)
-        y_pre = xd @ w_lin.t()  # (N, out)
-        y_pre.addmm_(xa, lora_b.t(), alpha=scaling)  # += s·(x_d Aᵀ) Bᵀ
+        # s·(x_d Aᵀ) Bᵀ first, then the base GEMM accumulates onto it (beta=1: the add rides in its epilogue).
+        y_pre = _scaled_mm(xa, lora_b.t(), scaling)  # (N, out)
+        y_pre.addmm_(xd, w_lin.t())
         if mask is None:
             keeps_y = ctx.needs_input_grad[5] and not (recompute or from_output)
             out = y_pre * (c_minus_1 + 1) if keeps_y else y_pre.mul_(c_minus_1 + 1)  # c ⊙ y_pre
@@ -264,11 +265,10 @@ class _DoraLinearFn(torch.autograd.Function):
                 xd = x2d * mask * (1.0 / (1.0 - p)) if mask is not None else x2d
                 da = torch.mm(gcb.t(), xd).mul_(s)  # (r, in)
             if need_x:
+                dx = _scaled_mm(gcb, lora_a, s)  # (N, in), scaled inside the GEMM
                 if mask is None:
-                    dx = torch.mm(gcb, lora_a).mul_(s)
-                    dx.addmm_(gc, w_lin)  # (N, in)
+                    dx.addmm_(gc, w_lin)
                 else:
-                    dx = torch.mm(gcb, lora_a).mul_(s)
                     dx.addmm_(g_c1, w_lin).mul_(mask).mul_(1.0 / (1.0 - p))
                     dx.addmm_(g, w_lin)  # the undropped base path
                 dx = dx.view(*ctx.lead, dx.shape[-1])
