@@ -12,6 +12,7 @@ from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
 from .methods import METHODS, Method, register
 from .methods.lora_config import LoraConfig
+from .routing import AdapterTable, drop_serving_table, routed, serving_table
 from .verbs import (
     active_adapters,
     adapters,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "AdapterConfig",
+    "AdapterTable",
     "AdapterError",
     "AdapterLoadError",
     "AdapterSaveError",
@@ -46,10 +48,13 @@ __all__ = [
     "count_parameters",
     "delete",
     "disabled",
+    "drop_serving_table",
     "load",
     "merge",
     "register",
+    "routed",
     "save",
+    "serving_table",
     "set_active",
     "trainable_parameters",
     "unload",
