@@ -10,6 +10,7 @@ from . import vocab  # adapterkit.vocab.add_tokens / find_ties
 from .checkpoint import LoadReport, load, save
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
+from .export import ExportReport, export
 from .methods import METHODS, Method, register
 from .methods.lora_config import LoraConfig
 from .routing import AdapterTable, drop_serving_table, routed, serving_table
@@ -37,6 +38,7 @@ __all__ = [
     "AdapterLoadError",
     "AdapterSaveError",
     "ConfigError",
+    "ExportReport",
     "LoadReport",
     "LoraConfig",
     "MergeError",
@@ -49,6 +51,7 @@ __all__ = [
     "delete",
     "disabled",
     "drop_serving_table",
+    "export",
     "load",
     "merge",
     "register",
