@@ -306,3 +306,15 @@ def test_hot_swap_under_torch_compile_does_not_recompile(tmp_path):
     print(f"\nhot swap (read from disk + copy into a slot, tiny llama, CPU): "
           f"{', '.join(f'{t * 1e3:.2f} ms' for t in timings)}")
     torch._dynamo.reset()
+
+
+def test_table_index_written_in_and_out_of_inference_mode():
+    model = llama_with_adapters()
+    ak.serving_table(model, capacity=3, max_rank=8, names=["a", "b", "c"])
+    ids = input_ids(batch=2)
+    with torch.inference_mode(), ak.routed(model, ["a", "b"]):
+        first = model(input_ids=ids).logits.clone()
+    with torch.no_grad(), ak.routed(model, ["b", "a"]):  # the same index tensor, written outside inference mode
+        second = model(input_ids=ids).logits
+    torch.testing.assert_close(first, alone(model, ids, ["a", "b"]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(second, alone(model, ids, ["b", "a"]), atol=ATOL, rtol=0)

@@ -207,7 +207,8 @@ class AdapterTable:
         slots = torch.tensor([0 if n is None else self.slots[n] for n in rows], dtype=torch.long)
         index = self._index.get(device)
         if index is None or index.shape != slots.shape:
-            index = self._index[device] = slots.to(device)
+            with torch.inference_mode(False):  # a normal tensor, so later calls may write it in or out of that mode
+                index = self._index[device] = slots.to(device)
         else:
             index.copy_(slots)
         return index

@@ -10,6 +10,7 @@ launch covers the whole batch, prefill or decode; elsewhere the plain-PyTorch re
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +104,18 @@ def gathered_lora(
     """
     if _use_triton(x, a_table, out):
         _check_rows(x, index)
-        return _triton().gathered_lora_add(out, x, a_table, b_table, index)
+        try:
+            return _triton().gathered_lora_add(out, x, a_table, b_table, index)
+        except Exception as exc:  # a Triton that cannot compile this kernel here: the reference is always correct
+            _disable_triton(exc)
     return gathered_lora_reference(x, a_table, b_table, index, out)
+
+
+def _disable_triton(exc: Exception) -> None:
+    global _triton_mod
+    _triton_mod = False
+    warnings.warn(f"gathered LoRA: the Triton kernel failed ({type(exc).__name__}: {exc}); using the PyTorch path.",
+                  RuntimeWarning, stacklevel=3)
 
 
 def gathered_embedding(
