@@ -208,9 +208,8 @@ class AdapterTable:
         index = self._index.get(device)
         if index is None or index.shape != slots.shape:
             with torch.inference_mode(False):  # a normal tensor, so later calls may write it in or out of that mode
-                index = self._index[device] = slots.to(device)
-        else:
-            index.copy_(slots)
+                index = self._index[device] = torch.empty(slots.shape, dtype=torch.long, device=device)
+        index.copy_(slots)
         return index
 
     def install(self, rows: Sequence[str | None]) -> None:
