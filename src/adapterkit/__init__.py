@@ -10,8 +10,10 @@ from . import vocab  # adapterkit.vocab.add_tokens / find_ties
 from .checkpoint import LoadReport, load, save
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
+from .export import ExportReport, export
 from .methods import METHODS, Method, register
 from .methods.lora_config import LoraConfig
+from .routing import AdapterTable, drop_serving_table, routed, serving_table
 from .verbs import (
     active_adapters,
     adapters,
@@ -31,10 +33,12 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "AdapterConfig",
+    "AdapterTable",
     "AdapterError",
     "AdapterLoadError",
     "AdapterSaveError",
     "ConfigError",
+    "ExportReport",
     "LoadReport",
     "LoraConfig",
     "MergeError",
@@ -46,10 +50,14 @@ __all__ = [
     "count_parameters",
     "delete",
     "disabled",
+    "drop_serving_table",
+    "export",
     "load",
     "merge",
     "register",
+    "routed",
     "save",
+    "serving_table",
     "set_active",
     "trainable_parameters",
     "unload",
