@@ -11,6 +11,8 @@ from .checkpoint import LoadReport, load, save
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
 from .methods import METHODS, Method, register
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
 from .methods.lora_config import LoraConfig
 from .verbs import (
     active_adapters,
@@ -35,6 +37,8 @@ __all__ = [
     "AdapterLoadError",
     "AdapterSaveError",
     "ConfigError",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoadReport",
     "LoraConfig",
     "MergeError",
