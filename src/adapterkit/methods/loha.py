@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from .lycoris import LycorisConfig, LycorisLayer, LycorisRecord, kaiming_, product_bound
+from .lycoris import LycorisConfig, LycorisLayer, LycorisRecord, by_module, kaiming_, product_bound, summary_rows
 
 
 @dataclass
@@ -88,3 +88,23 @@ class LoHaLayer(LycorisLayer):
             return float("inf")  # small conv kernels: checked exactly
         # |(P ⊙ Q)_ij| = |P_ij| |Q_ij|, each bounded by row-norm × column-norm of its factors
         return product_bound(t["hada_w1_a"], t["hada_w1_b"]) * product_bound(t["hada_w2_a"], t["hada_w2_b"])
+
+
+def summary(cfg: LoHaConfig, tensors: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
+    """`adapterkit inspect` rows: hyperparameters and ||ΔW||_F per module, from the file's tensors alone."""
+    norms = {}
+    for path, t in by_module(tensors, "hada_").items():
+        t = {k: v.double() for k, v in t.items()}
+        if len(t) < 4:
+            continue
+        if "hada_t1" in t:  # conv kernels are small: form ΔW
+            w1 = torch.einsum("ijkl,jq,ip->pqkl", t["hada_t1"], t["hada_w1_b"], t["hada_w1_a"])
+            w2 = torch.einsum("ijkl,jq,ip->pqkl", t["hada_t2"], t["hada_w2_b"], t["hada_w2_a"])
+            norm = float((w1 * w2).norm())
+        else:  # ||A B||² = trace((AᵀA)(BBᵀ)) with the rank-r² factors of the module docstring: r²×r² products only
+            r = t["hada_w1_a"].shape[1]
+            a = (t["hada_w1_a"][:, :, None] * t["hada_w2_a"][:, None, :]).reshape(-1, r * r)
+            b = (t["hada_w1_b"][:, None, :] * t["hada_w2_b"][None, :, :]).reshape(r * r, -1)
+            norm = float(torch.trace((a.T @ a) @ (b @ b.T)).clamp_min(0).sqrt())
+        norms[path] = abs(cfg.scaling_for(path)) * norm
+    return summary_rows(cfg, norms)

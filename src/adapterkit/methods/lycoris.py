@@ -252,3 +252,26 @@ class LycorisLayer(AdapterWrapper):
 
     def _structured_out(self, h: torch.Tensor, tensors: dict[str, torch.Tensor], rec: LycorisRecord) -> torch.Tensor:
         raise NotImplementedError
+
+
+# -- `adapterkit inspect` -------------------------------------------------------------------------------------------
+def by_module(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, dict[str, torch.Tensor]]:
+    """File tensors {key: tensor} grouped as {module path: {container name: tensor}}, for names starting `prefix`."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        path, _, suffix = key.rpartition(".")
+        if suffix.startswith(prefix):
+            out.setdefault(path.removeprefix("base_model.model."), {})[suffix] = value
+    return out
+
+
+def summary_rows(cfg: LycorisConfig, norms: dict[str, float], extra: str = "") -> list[tuple[str, str]]:
+    """The method line (key hyperparameters) and the size of the update, ||ΔW||_F per module, for inspect."""
+    rows = [("method", f"{cfg.peft_type} (r={cfg.r}, alpha={cfg.alpha:g}, scale={cfg.alpha / cfg.r:g}, "
+                       f"rank_dropout={cfg.rank_dropout:g}, module_dropout={cfg.module_dropout:g}"
+                       f"{', effective conv2d' if cfg.use_effective_conv2d else ''}{extra})")]
+    if norms:
+        total = math.sqrt(sum(v * v for v in norms.values()))
+        top = sorted(norms.items(), key=lambda kv: -kv[1])[:3]
+        rows.append(("||ΔW|| total", f"{total:.4g} (largest: " + ", ".join(f"{p} {v:.3g}" for p, v in top) + ")"))
+    return rows
