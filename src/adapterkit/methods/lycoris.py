@@ -126,9 +126,10 @@ def product_bound(a: torch.Tensor, b: torch.Tensor) -> float:
 class LycorisLayer(AdapterWrapper):
     """Base of the LoHa/LoKr wrappers around nn.Linear (kind "linear") and nn.Conv2d (kind "conv2d").
 
-    Subclasses set `method` and `containers` (PEFT's ParameterDict names) and implement `_create` (tensors of one
-    adapter, registered in the containers; returns the record's layout), `_weight` (ΔW/s from live tensors, with
-    autograd, in the base layout) and `_bound`; optionally `_structured_out` for a forward that never forms ΔW.
+    Subclasses set `method` and `containers` (PEFT's ParameterDict names) and implement `_create` (the empty tensors
+    of one adapter by container name, and the layout the record keeps), `_init`, `_rescales`, `_weight` (ΔW / s from
+    the tensors, differentiable, in the base weight's layout) and `_bound`; optionally `_structured_out`, a forward
+    that never forms ΔW, with `_prefers_structured` saying when it is cheaper.
     """
 
     def __init__(self, base_layer: nn.Module, view=None) -> None:
