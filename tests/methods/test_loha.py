@@ -196,3 +196,20 @@ def test_config_json_matches_peft(tmp_path) -> None:
 def test_training_step_reduces_loss() -> None:
     first, last = training_reduces_loss(ak.LoHaConfig, {"r": 4, "alpha": 8, "target_modules": "all-linear"})
     assert last < first - 0.3  # 4.87 -> 4.33 in 10 steps
+
+
+def test_bfloat16_base_keeps_its_dtype_and_unmerges_bit_exactly() -> None:
+    torch.manual_seed(0)
+    model = build("llama").to(torch.bfloat16)
+    ak.attach(model, ak.LoHaConfig(r=2, alpha=4, target_modules=ATTN, init_weights=False))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert all(t.dtype == torch.bfloat16 for t in layer.file_tensors("default").values())
+    weight = layer.base_layer.weight
+    stored = weight.detach().clone()
+    before = logits(model)
+    ak.merge(model)
+    assert layer.base_layer.weight.dtype == torch.bfloat16 and not torch.equal(layer.base_layer.weight, stored)
+    torch.testing.assert_close(logits(model), before, atol=0.1, rtol=0.05)  # merged rounds ΔW into bf16 weights
+    ak.unmerge(model)
+    assert layer.base_layer.weight is weight and torch.equal(weight, stored)
+    assert torch.equal(logits(model), before)
