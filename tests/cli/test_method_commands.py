@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import adapterkit as ak
+from adapterkit.checkpoint import read_adapter
 from adapterkit.cli.common import CliError
 from adapterkit.cli.inspect import method_rows
 from adapterkit.cli.train import config_for_method
 from adapterkit.methods.base import AdapterWrapper
+from helpers import build
 
 
 @pytest.mark.parametrize("method, prefix, alpha_key", [("loha", "hada_", "alpha"), ("lokr", "lokr_", "alpha")])
@@ -41,10 +43,6 @@ def test_train_inspect_verify_merge(cli, tmp_path, tiny_model_dir, chat_data, me
 
 
 def test_inspect_norm_is_the_update_norm(tmp_path) -> None:
-    from helpers import build
-
-    from adapterkit.checkpoint import read_adapter
-
     for config in (ak.LoHaConfig(r=2, alpha=3, target_modules=["q_proj"], init_weights=False),
                    ak.LoKrConfig(r=1, alpha=3, target_modules=["q_proj"], init_weights=False, decompose_both=True)):
         model = ak.attach(build("llama"), config)

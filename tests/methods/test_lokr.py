@@ -220,3 +220,23 @@ def test_bfloat16_base_keeps_its_dtype_and_unmerges_bit_exactly() -> None:
     ak.unmerge(model)
     assert layer.base_layer.weight is weight and torch.equal(weight, stored)
     assert torch.equal(logits(model), before)
+
+
+def test_structured_forward_has_the_dense_gradients() -> None:
+    torch.manual_seed(0)
+    layer = _layer(nn.Linear(24, 40), r=2, alpha=5)
+    record = layer.records["default"]
+    assert record.structured
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    target = torch.randn(3, 5, 40)
+    grads = []
+    for structured in (True, False):
+        record.structured = structured
+        params = layer.adapter_parameters("default")
+        for p in params:
+            p.grad = None
+        x.grad = None
+        ((layer(x) - target) ** 2).sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in params])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
