@@ -12,6 +12,8 @@ from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
 from .export import ExportReport, export
 from .methods import METHODS, Method, register
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
 from .methods.lora_config import LoraConfig
 from .routing import AdapterTable, drop_serving_table, routed, serving_table
 from .verbs import (
@@ -39,6 +41,8 @@ __all__ = [
     "AdapterSaveError",
     "ConfigError",
     "ExportReport",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoadReport",
     "LoraConfig",
     "MergeError",

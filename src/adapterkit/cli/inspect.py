@@ -49,6 +49,23 @@ def delta_norms(cfg, tensors: dict) -> dict[str, float]:
     return norms
 
 
+def method_rows(cfg, tensors: dict) -> list[tuple[str, str]]:
+    """The method's own rows (its table entry's `summary` hook), LoRA's line, or for any other method its peft_type,
+    rank if it has one, and tensor count and size."""
+    from ..methods import METHODS
+
+    method = METHODS.get(str(cfg.peft_type).upper())
+    if method is not None and method.summary is not None:
+        return list(method.summary(cfg, tensors))
+    if hasattr(cfg, "lora_alpha"):
+        return [("method", f"{cfg.peft_type} (r={cfg.r}, alpha={cfg.lora_alpha:g}, scale={cfg.scaling_for(''):g}"
+                           f"{', rsLoRA' if cfg.use_rslora else ''}, dropout={cfg.lora_dropout:g})")]
+    rank = getattr(cfg, "r", None)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    return [("method", f"{cfg.peft_type}" + (f" (r={rank})" if rank is not None else "")
+             + f", {len(tensors)} tensors, {human_size(size)}")]
+
+
 def inspect_command(
     adapter: Path = typer.Argument(..., metavar="DIR", help="Adapter directory."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a heatmap of ||ΔW|| per module type × layer."),
@@ -69,19 +86,19 @@ def inspect_command(
 
     rows = [
         ("adapter", str(folder)),
-        ("method", f"{cfg.peft_type} (r={cfg.r}, alpha={cfg.lora_alpha:g}, scale={cfg.scaling_for(''):g}"
-                   f"{', rsLoRA' if cfg.use_rslora else ''}, dropout={cfg.lora_dropout:g})"),
+        *method_rows(cfg, tensors),
         ("base model", str(cfg.base_model_name_or_path)),
         ("targets", _targets_text(targets)),
         ("adapted modules", f"{len(modules)} ({', '.join(types)})"),
         ("trainable params", f"{params:,} in {len(tensors)} tensors ({', '.join(dtypes)})"),
         ("file size", f"{human_size(size)} ({size:,} bytes)"),
     ]
-    if cfg.rank_pattern or cfg.alpha_pattern:
-        rows.append(("patterns", f"rank {cfg.rank_pattern or '{}'}, alpha {cfg.alpha_pattern or '{}'}"))
+    rank_pattern, alpha_pattern = getattr(cfg, "rank_pattern", None), getattr(cfg, "alpha_pattern", None)
+    if rank_pattern or alpha_pattern:
+        rows.append(("patterns", f"rank {rank_pattern or '{}'}, alpha {alpha_pattern or '{}'}"))
     if cfg.modules_to_save:
         rows.append(("modules_to_save", ", ".join(cfg.modules_to_save)))
-    if cfg.trainable_token_indices:
+    if getattr(cfg, "trainable_token_indices", None):
         rows.append(("trainable tokens", _short(cfg.trainable_token_indices)))
     rows += _fingerprint_rows(metadata)
     if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
@@ -103,7 +120,7 @@ def inspect_command(
             console.print(f"  {key}  {'x'.join(map(str, t.shape))}  {str(t.dtype).replace('torch.', '')}")
     if plot is not None:
         if not norms:
-            console.print("no LoRA pairs to plot")
+            console.print("no LoRA pairs to plot (the heatmap covers LoRA adapters)")
         elif plot_heatmap(norms, plot, title=f"||ΔW||_F per module: {folder.name}"):
             console.print(f"{'plot':<{width}}  {plot}")
 

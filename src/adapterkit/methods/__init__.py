@@ -19,6 +19,9 @@ from ..config import AdapterConfig, read_json
 from ..errors import ConfigError
 from .base import AdapterWrapper
 from .lora import LoraEmbedding, LoraLinear
+from . import loha, lokr
+from .loha import LoHaConfig, LoHaLayer
+from .lokr import LoKrConfig, LoKrLayer
 from .lora_config import LoraConfig
 
 
@@ -91,3 +94,5 @@ def config_from_file(path: str | Path) -> AdapterConfig:
 
 # -- the table -----------------------------------------------------------------------------------------------------
 register(Method("LORA", LoraConfig, {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding}))
+register(Method("LOHA", LoHaConfig, {"linear": LoHaLayer, "conv2d": LoHaLayer}, summary=loha.summary))
+register(Method("LOKR", LoKrConfig, {"linear": LoKrLayer, "conv2d": LoKrLayer}, summary=lokr.summary))
