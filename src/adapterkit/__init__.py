@@ -11,6 +11,7 @@ from .checkpoint import LoadReport, load, save
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
 from .methods import METHODS, Method, register
+from .methods.ia3 import IA3Config
 from .methods.lora_config import LoraConfig
 from .verbs import (
     active_adapters,
@@ -35,6 +36,7 @@ __all__ = [
     "AdapterLoadError",
     "AdapterSaveError",
     "ConfigError",
+    "IA3Config",
     "LoadReport",
     "LoraConfig",
     "MergeError",
