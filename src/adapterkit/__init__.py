@@ -13,6 +13,7 @@ from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigErro
 from .methods import METHODS, Method, register
 from .methods.ia3 import IA3Config
 from .methods.lora_config import LoraConfig
+from .methods.vera import VeraConfig
 from .verbs import (
     active_adapters,
     adapters,
@@ -42,6 +43,7 @@ __all__ = [
     "MergeError",
     "Method",
     "TargetError",
+    "VeraConfig",
     "active_adapters",
     "adapters",
     "attach",

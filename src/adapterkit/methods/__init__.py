@@ -21,6 +21,7 @@ from .base import AdapterWrapper
 from .ia3 import IA3Config, IA3Conv2d, IA3Linear
 from .lora import LoraEmbedding, LoraLinear
 from .lora_config import LoraConfig
+from .vera import VeraConfig, VeraLinear
 
 
 @dataclass(frozen=True)
@@ -93,3 +94,4 @@ def config_from_file(path: str | Path) -> AdapterConfig:
 # -- the table -----------------------------------------------------------------------------------------------------
 register(Method("LORA", LoraConfig, {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding}))
 register(Method("IA3", IA3Config, {"linear": IA3Linear, "conv1d": IA3Linear, "conv2d": IA3Conv2d}))
+register(Method("VERA", VeraConfig, {"linear": VeraLinear, "conv1d": VeraLinear}))
