@@ -13,6 +13,7 @@ from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigErro
 from .methods import METHODS, Method, register
 from .methods.ia3 import IA3Config
 from .methods.lora_config import LoraConfig
+from .methods.oft import OFTConfig
 from .methods.vera import VeraConfig
 from .verbs import (
     active_adapters,
@@ -41,6 +42,7 @@ __all__ = [
     "LoadReport",
     "LoraConfig",
     "MergeError",
+    "OFTConfig",
     "Method",
     "TargetError",
     "VeraConfig",

@@ -156,6 +156,9 @@ def find_targets(
                 f"target_modules matched {name!r}, a {type(base).__name__}; {method.peft_type} applies to "
                 f"{method.kinds()} layers. Narrow the pattern (e.g. {name}.q_proj)."
             )
+        reason = layer.refuses(base)
+        if reason:
+            raise TargetError(f"{name!r}: {reason}")
         if isinstance(module, AdapterWrapper) and type(module) is not layer:
             raise TargetError(
                 f"{name!r} already carries a {module.method} adapter ({sorted(module.adapter_names)}); adapterkit "

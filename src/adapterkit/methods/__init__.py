@@ -21,6 +21,7 @@ from .base import AdapterWrapper
 from .ia3 import IA3Config, IA3Conv2d, IA3Linear
 from .lora import LoraEmbedding, LoraLinear
 from .lora_config import LoraConfig
+from .oft import OFTConfig, OFTConv2d, OFTEmbedding, OFTLinear
 from .vera import VeraConfig, VeraLinear
 
 
@@ -95,3 +96,4 @@ def config_from_file(path: str | Path) -> AdapterConfig:
 register(Method("LORA", LoraConfig, {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding}))
 register(Method("IA3", IA3Config, {"linear": IA3Linear, "conv1d": IA3Linear, "conv2d": IA3Conv2d}))
 register(Method("VERA", VeraConfig, {"linear": VeraLinear, "conv1d": VeraLinear}))
+register(Method("OFT", OFTConfig, {"linear": OFTLinear, "conv2d": OFTConv2d, "embedding": OFTEmbedding}))

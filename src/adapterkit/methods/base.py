@@ -87,6 +87,12 @@ class AdapterWrapper(nn.Module):
         return container
 
     # -- the contract ---------------------------------------------------------------------------------------------
+    @classmethod
+    def refuses(cls, base_layer: nn.Module) -> str | None:
+        """Why this layer class cannot wrap `base_layer` (a message for TargetError), or None. Asked while targets
+        are found, before the model changes; most layers accept every module of their kind."""
+        return None
+
     def add_adapter(self, name: str, cfg: Any, path: str, ctx: AttachContext | None = None) -> None:
         raise NotImplementedError
 
