@@ -64,24 +64,24 @@ def inspect_command(
     params = sum(t.numel() for t in tensors.values())
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
     targets = cfg.target_modules
-    modules = sorted({_module_of(k) for k in tensors})
+    containers = _container_names()
+    modules = sorted({m for m in (_module_of(k, containers) for k in tensors) if m is not None})
     types = sorted({m.rsplit(".", 1)[-1] for m in modules})
 
     rows = [
         ("adapter", str(folder)),
-        ("method", f"{cfg.peft_type} (r={cfg.r}, alpha={cfg.lora_alpha:g}, scale={cfg.scaling_for(''):g}"
-                   f"{', rsLoRA' if cfg.use_rslora else ''}, dropout={cfg.lora_dropout:g})"),
+        ("method", _method_text(cfg)),
         ("base model", str(cfg.base_model_name_or_path)),
         ("targets", _targets_text(targets)),
         ("adapted modules", f"{len(modules)} ({', '.join(types)})"),
         ("trainable params", f"{params:,} in {len(tensors)} tensors ({', '.join(dtypes)})"),
         ("file size", f"{human_size(size)} ({size:,} bytes)"),
     ]
-    if cfg.rank_pattern or cfg.alpha_pattern:
+    if getattr(cfg, "rank_pattern", None) or getattr(cfg, "alpha_pattern", None):
         rows.append(("patterns", f"rank {cfg.rank_pattern or '{}'}, alpha {cfg.alpha_pattern or '{}'}"))
     if cfg.modules_to_save:
         rows.append(("modules_to_save", ", ".join(cfg.modules_to_save)))
-    if cfg.trainable_token_indices:
+    if getattr(cfg, "trainable_token_indices", None):
         rows.append(("trainable tokens", _short(cfg.trainable_token_indices)))
     rows += _fingerprint_rows(metadata)
     if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
@@ -109,14 +109,42 @@ def inspect_command(
             console.print(f"{'plot':<{width}}  {plot}")
 
 
-def _module_of(key: str) -> str:
+def _method_text(cfg) -> str:
+    """LoRA's rank, alpha and scale; for other methods, their own scalar config fields."""
+    import dataclasses
+
+    from ..config import AdapterConfig
+
+    if hasattr(cfg, "scaling_for"):  # LoRA and its relatives
+        return (f"{cfg.peft_type} (r={cfg.r}, alpha={cfg.lora_alpha:g}, scale={cfg.scaling_for(''):g}"
+                f"{', rsLoRA' if cfg.use_rslora else ''}, dropout={cfg.lora_dropout:g})")
+    shared = {f.name for f in dataclasses.fields(AdapterConfig)}
+    own = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name not in shared]
+    shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in own
+                      if isinstance(v, (bool, int, float, str)))
+    return f"{cfg.peft_type} ({shown})" if shown else cfg.peft_type
+
+
+def _container_names() -> set[str]:
+    """Every method layer's per-adapter attribute names (lora_A, oft_R, ...): a file key's module path ends before
+    them."""
+    from ..methods import METHODS
+
+    return {c for method in METHODS.values() for layer in method.layers.values() for c in layer.containers}
+
+
+def _module_of(key: str, containers: set[str]) -> str | None:
+    """The module path of a file key; None for a tensor of the whole adapter (e.g. VeRA's base_model.vera_A)."""
     from ..checkpoint.format import strip_prefix
 
-    inner = strip_prefix(key) or key
-    for marker in (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".trainable_tokens"):
-        if marker in inner:
-            return inner.split(marker)[0]
-    return inner.rpartition(".")[0]
+    inner = strip_prefix(key)
+    if inner is None:
+        return None
+    module = inner.rpartition(".")[0]  # drop the tensor name (weight, lora_embedding_A, ia3_l, ...)
+    parent, _, last = module.rpartition(".")
+    if parent and last in containers:
+        return parent
+    return module
 
 
 def _targets_text(targets) -> str:

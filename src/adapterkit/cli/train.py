@@ -1,4 +1,5 @@
-"""`adapterkit train`: fine-tune a LoRA adapter on a JSONL/text file and write it with a loss plot and a JSON log."""
+"""`adapterkit train`: fine-tune an adapter (LoRA, IA3, VeRA, OFT) on a JSONL/text file and write it with a loss
+plot and a JSON log."""
 
 from __future__ import annotations
 
@@ -16,6 +17,33 @@ from .common import CliError, console, human_size, load_base
 DEFAULT_TARGETS = "all-linear"
 
 
+# --method -> how its config is built from --r / --alpha / --dropout / --targets / --layers (options a method has no
+# use for are not passed; options it cannot take raise) and a one-line description for the console.
+def _lora(ak, r, alpha, dropout, targets, layers):
+    return ak.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                         layers_to_transform=layers, task_type="CAUSAL_LM"), f"r={r} alpha={alpha:g}"
+
+
+def _ia3(ak, r, alpha, dropout, targets, layers):
+    if layers:
+        raise CliError("--layers is not an IA3 option; pass the wanted modules with --targets")
+    return ak.IA3Config(target_modules=targets, task_type="CAUSAL_LM"), "vectors"
+
+
+def _vera(ak, r, alpha, dropout, targets, layers):
+    return ak.VeraConfig(r=r, vera_dropout=dropout, target_modules=targets, layers_to_transform=layers,
+                         task_type="CAUSAL_LM"), f"r={r} (shared projections)"
+
+
+def _oft(ak, r, alpha, dropout, targets, layers):
+    # --r is the block size (PEFT's recommended knob); the number of blocks follows from each layer's width.
+    return ak.OFTConfig(r=0, oft_block_size=r, target_modules=targets, layers_to_transform=layers,
+                        task_type="CAUSAL_LM"), f"block size {r}"
+
+
+METHOD_CONFIGS = {"lora": _lora, "ia3": _ia3, "vera": _vera, "oft": _oft}
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train_command)
 
@@ -26,8 +54,8 @@ def train_command(
                                         "or cached hub id (default: the embedded SmolLM2-135M-Instruct)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="JSONL (chat / prompt-completion / text records) "
                                         "or .txt file (default: the shipped Zephyrine Q7 dataset)."),
-    method: str = typer.Option("lora", "--method", help="Adapter method (only 'lora' so far)."),
-    r: int = typer.Option(16, "--r", help="LoRA rank."),
+    method: str = typer.Option("lora", "--method", help="Adapter method: lora, ia3, vera or oft."),
+    r: int = typer.Option(16, "--r", help="Rank (LoRA, VeRA) or block size (OFT); IA3 has none."),
     alpha: float = typer.Option(32, "--alpha", help="LoRA alpha (scale = alpha / r)."),
     targets: Optional[list[str]] = typer.Option(None, "--targets", help="Modules to adapt: names or suffixes "
                                                 "(repeat or comma-separate), or 'all-linear' (default)."),
@@ -47,7 +75,7 @@ def train_command(
                                                    "(repeat or comma-separate)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
 ) -> None:
-    """Fine-tune a LoRA adapter; writes the adapter, loss.png and training.json to --out. Ctrl-C saves the last step."""
+    """Fine-tune an adapter; writes the adapter, loss.png and training.json to --out. Ctrl-C saves the last step."""
     import torch
 
     import adapterkit as ak
@@ -55,8 +83,11 @@ def train_command(
     from .. import training_data as D
     from ..train import TrainConfig, seed_everything, train
 
-    if method.lower() != "lora":
-        raise CliError(f"unknown --method {method!r}; adapterkit implements 'lora' so far")
+    method = method.lower()
+    if method not in METHOD_CONFIGS:
+        raise CliError(f"unknown --method {method!r}; choose one of {', '.join(METHOD_CONFIGS)}")
+    if add_tokens and method != "lora":
+        raise CliError("--add-tokens trains the new embedding rows with LoRA's trainable tokens; use --method lora")
     for name, value in (("--max-steps", max_steps), ("--batch-size", batch_size), ("--grad-accum", grad_accum),
                         ("--r", r), ("--max-length", max_length)):
         if value < 1:
@@ -77,10 +108,9 @@ def train_command(
     seed_everything(seed)
     target_list = _split(targets) or [DEFAULT_TARGETS]
     target_spec = _linear_leaf_names(base) if target_list == [DEFAULT_TARGETS] else target_list
-    cfg = ak.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_spec,
-                        layers_to_transform=_layer_list(layers), task_type="CAUSAL_LM",
-                        # Only the new rows of the embedding (and a tied head) are trained and saved.
-                        trainable_token_indices=new_ids)
+    cfg, described = METHOD_CONFIGS[method](ak, r, alpha, dropout, target_spec, _layer_list(layers))
+    if new_ids:  # only the new rows of the embedding (and a tied head) are trained and saved
+        cfg = cfg.replace(trainable_token_indices=new_ids)
     ak.attach(base, cfg)
     trainable, total = ak.count_parameters(base)
     resolved_targets = ak.adapters(base)["default"].target_modules
@@ -90,7 +120,7 @@ def train_command(
         raise CliError(f"{data_path}: no record has a trainable token within --max-length {max_length}")
     train_set, eval_set = D.split_train_eval(examples, eval_fraction, seed=seed)
     console.print(f"data   {data_path} ({len(records)} records: {len(train_set)} train, {len(eval_set)} held out)")
-    console.print(f"lora   r={r} alpha={alpha:g} on {_describe(resolved_targets)}: {trainable:,} trainable of "
+    console.print(f"{method:<6} {described} on {_describe(resolved_targets)}: {trainable:,} trainable of "
                   f"{total:,} parameters ({100 * trainable / total:.2f}%)")
 
     tcfg = TrainConfig(max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
@@ -104,7 +134,7 @@ def train_command(
     log = {
         "model": resolved.name_or_path,
         "data": str(data_path),
-        "config": {"method": "lora", "r": r, "alpha": alpha, "dropout": dropout, "targets": resolved_targets,
+        "config": {"method": method, "r": r, "alpha": alpha, "dropout": dropout, "targets": resolved_targets,
                    "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
                    "max_length": max_length, "eval_fraction": eval_fraction, "seed": seed,
                    "layers": _layer_list(layers), "max_time": max_time,
