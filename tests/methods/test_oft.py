@@ -92,9 +92,14 @@ def test_merge_unmerge_exact_and_unload(arch):
 def test_two_active_adapters_merge_in_forward_order():
     model = ak.attach(build("llama"), ak.OFTConfig(target_modules=["q_proj"], oft_block_size=8, init_weights=False))
     ak.attach(model, ak.OFTConfig(target_modules=["q_proj", "k_proj"], oft_block_size=4, init_weights=False), "b")
-    ak.set_active(model, ["default", "b"])
+    ak.attach(model, ak.OFTConfig(target_modules=["embed_tokens"], oft_block_size=8, init_weights=False), "c")
+    ak.attach(model, ak.OFTConfig(target_modules=["embed_tokens"], oft_block_size=4, init_weights=False), "d")
+    ak.set_active(model, ["default", "b", "c", "d"])
     expected = output(model)
-    ak.merge(model)
+    ak.merge(model)  # a new weight per layer
+    assert (output(model) - expected).abs().max() <= 1e-4
+    ak.unmerge(model)
+    ak.unload(model, merge=True)  # float32, untied: folded in place
     assert (output(model) - expected).abs().max() <= 1e-4
 
 

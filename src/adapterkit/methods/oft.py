@@ -232,12 +232,12 @@ class OFTLinear(AdapterWrapper):
     def add_delta_(self, weight: torch.Tensor, name: str) -> None:
         weight.copy_(self.add_delta(weight, name))
 
-    def merged_weight(self, names: tuple[str, ...]) -> torch.Tensor:
-        # The forward rotates by R_1 then R_2: W (R_1 R_2)ᵀ = W R_2ᵀ R_1ᵀ, so the last adapter folds in first.
-        merged = self.view.float_weight(self.base_layer)
-        for name in reversed(names):
-            merged = self.add_delta(merged, name)
-        return merged
+    # The forward rotates the input by R_1 then R_2: W (R_1 R_2)ᵀ = W R_2ᵀ R_1ᵀ, so the last adapter folds in first.
+    fold_last_first: ClassVar[bool] = True
+
+    def merge(self, names: tuple[str, ...], keep_original: bool = True, shared: bool = True) -> None:
+        ordered = tuple(reversed(names)) if self.fold_last_first else tuple(names)
+        super().merge(ordered, keep_original=keep_original, shared=shared)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         weight = self.view.float_weight(self.base_layer)
@@ -307,8 +307,4 @@ class OFTEmbedding(OFTLinear):
         w = weight.reshape(weight.shape[0], blocks, size)  # (num, blocks, bs)
         return torch.einsum("nrk,rkc->nrc", w, rot).reshape(weight.shape)  # E R
 
-    def merged_weight(self, names: tuple[str, ...]) -> torch.Tensor:
-        merged = self.view.float_weight(self.base_layer)
-        for name in names:  # E R_1 R_2: in activation order
-            merged = self.add_delta(merged, name)
-        return merged
+    fold_last_first: ClassVar[bool] = False  # the output is rotated: E R_1 R_2, folded in activation order
