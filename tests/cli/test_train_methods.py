@@ -48,6 +48,9 @@ def test_vera_inspect_lists_shared_projections_apart(cli, tmp_path, tiny_model_d
     line = next(t for t in text.splitlines() if t.startswith("adapted modules"))
     assert line.split()[2:] == ["2", "(q_proj)"]  # the shared projections are no module of their own
     assert "base_model.vera_A" in text
+    rows = {line.split("  ")[0]: line for line in text.splitlines()}
+    assert rows["trainable params"].split()[2] == f"{2 * (32 + 4)}"  # λ_b (32) + λ_d (4) per layer, 2 layers
+    assert "shared (frozen)" in rows and "base_model.vera_B" in rows["shared (frozen)"]
 
 
 def test_bad_method_options_refused(cli, tmp_path, tiny_model_dir, chat_data):

@@ -56,12 +56,14 @@ def inspect_command(
 ) -> None:
     """Show an adapter's method, targets, rank, size, tensors, base fingerprint, vocabulary and ties."""
     from ..checkpoint import read_adapter
-    from ..checkpoint.format import WEIGHTS_NAME
+    from ..checkpoint.format import KEY_PREFIX, WEIGHTS_NAME
 
     folder, cfg, tensors, metadata = read_adapter(adapter)
     weights = folder / WEIGHTS_NAME
     size = weights.stat().st_size if weights.is_file() else 0
-    params = sum(t.numel() for t in tensors.values())
+    # Tensors of the whole adapter (no module path: VeRA's frozen shared projections) are listed apart.
+    shared = {k: t for k, t in tensors.items() if not k.startswith(KEY_PREFIX)}
+    params = sum(t.numel() for k, t in tensors.items() if k not in shared)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
     targets = cfg.target_modules
     containers = _container_names()
@@ -74,9 +76,11 @@ def inspect_command(
         ("base model", str(cfg.base_model_name_or_path)),
         ("targets", _targets_text(targets)),
         ("adapted modules", f"{len(modules)} ({', '.join(types)})"),
-        ("trainable params", f"{params:,} in {len(tensors)} tensors ({', '.join(dtypes)})"),
+        ("trainable params", f"{params:,} in {len(tensors) - len(shared)} tensors ({', '.join(dtypes)})"),
         ("file size", f"{human_size(size)} ({size:,} bytes)"),
     ]
+    if shared:
+        rows.append(("shared (frozen)", f"{sum(t.numel() for t in shared.values()):,} in {', '.join(sorted(shared))}"))
     if getattr(cfg, "rank_pattern", None) or getattr(cfg, "alpha_pattern", None):
         rows.append(("patterns", f"rank {cfg.rank_pattern or '{}'}, alpha {cfg.alpha_pattern or '{}'}"))
     if cfg.modules_to_save:
@@ -120,8 +124,8 @@ def _method_text(cfg) -> str:
                 f"{', rsLoRA' if cfg.use_rslora else ''}, dropout={cfg.lora_dropout:g})")
     shared = {f.name for f in dataclasses.fields(AdapterConfig)}
     own = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name not in shared]
-    shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in own
-                      if isinstance(v, (bool, int, float, str)))
+    shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={_short(v) if isinstance(v, list) else v}"
+                      for k, v in own if isinstance(v, (bool, int, float, str, list)))
     return f"{cfg.peft_type} ({shown})" if shown else cfg.peft_type
 
 
