@@ -21,6 +21,7 @@ CASES = {
     "llama": {},  # PEFT's defaults: k_proj, v_proj, down_proj (feed-forward)
     "gpt2": {},  # c_attn, mlp.c_proj (Conv1D, feed-forward)
     "qwen2": {"target_modules": "all-linear"},
+    "llama_regex": {"target_modules": r".*\.(k_proj|up_proj|down_proj)", "feedforward_modules": r".*\.(up|down)_proj"},
 }
 CONV = {"target_modules": ["stem", "mix", "conv", "head"], "feedforward_modules": ["mix", "head"]}
 
@@ -28,6 +29,7 @@ CONV = {"target_modules": ["stem", "mix", "conv", "head"], "feedforward_modules"
 @pytest.mark.parametrize("arch", sorted(CASES))
 def test_interop_both_directions(arch, tmp_path):
     kwargs = CASES[arch]
+    arch = arch.split("_")[0]
     ours, _, peft_shapes = peft_to_ours(lambda: build(arch), peft.IA3Config(**kwargs), MARK, tmp_path)
     model, _ = ours_to_peft(lambda: build(arch), ak.IA3Config(**kwargs), MARK, tmp_path)
     assert file_shapes(tmp_path / "ak") == peft_shapes  # same names and shapes as PEFT writes

@@ -51,6 +51,8 @@ def test_projections_shared_by_all_layers_and_held_once():
     model.double()  # moves the owner's buffers; every layer still sees them
     assert all(w._shared["default"].vera_A.dtype == torch.float64 for w in wrappers)
     assert (output(model) - expected).abs().max() <= 1e-5
+    ak.delete(model, "default")
+    assert not any("vera" in k for k in model.state_dict())
 
 
 def test_init_is_a_no_op_with_d_initial():
