@@ -12,6 +12,8 @@ What a method's layer class implements (see methods/lora.py for the full example
     file_tensors(name) -> {suffix: tensor}     # what the adapter file holds for this module, by PEFT's key suffix
     adapter_level_tensors(name) -> {key: tensor}   # optional: tensors of the whole adapter (VeRA's shared
                                                # projections), by full file key; only the layer owning them
+    refuses(base_layer) -> str | None          # optional classmethod: why a module of the right kind cannot be
+                                               # wrapped (asked while targets are found, before the model changes)
     _refresh()                                 # rebuild the hot-path cache from `records`, active and merged names
     forward(...)                               # straight-line over the cache: no lookups by name, no config reads
     delta_weight(name) -> float32 tensor       # the update in the base weight's layout (merge, fingerprint, checks)
