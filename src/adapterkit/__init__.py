@@ -12,9 +12,12 @@ from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
 from .export import ExportReport, export
 from .methods import METHODS, Method, register
+from .methods.ia3 import IA3Config
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
 from .methods.lora_config import LoraConfig
+from .methods.oft import OFTConfig
+from .methods.vera import VeraConfig
 from .routing import AdapterTable, drop_serving_table, routed, serving_table
 from .verbs import (
     active_adapters,
@@ -43,11 +46,14 @@ __all__ = [
     "ExportReport",
     "LoHaConfig",
     "LoKrConfig",
+    "IA3Config",
     "LoadReport",
     "LoraConfig",
     "MergeError",
+    "OFTConfig",
     "Method",
     "TargetError",
+    "VeraConfig",
     "active_adapters",
     "adapters",
     "attach",

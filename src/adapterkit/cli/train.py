@@ -1,5 +1,5 @@
-"""`adapterkit train`: fine-tune an adapter (LoRA, LoHa, LoKr, ... any method of the table) on a JSONL/text file and
-write it with a JSON log and a loss plot (the plot where matplotlib is installed)."""
+"""`adapterkit train`: fine-tune an adapter (LoRA, DoRA, LoHa, LoKr, IA3, VeRA, OFT: any method of the table) on a
+JSONL/text file and write it with a JSON log and a loss plot (the plot where matplotlib is installed)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ def train_command(
                                         "or cached hub id (default: the embedded SmolLM2-135M-Instruct)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="JSONL (chat / prompt-completion / text records) "
                                         "or .txt file (default: the shipped Zephyrine Q7 dataset)."),
-    method: str = typer.Option("lora", "--method", help="Adapter method: lora, dora, or any peft_type adapterkit "
-                               "implements (loha, lokr, ...)."),
-    r: int = typer.Option(16, "--r", help="Rank."),
+    method: str = typer.Option("lora", "--method", help="Adapter method: lora, dora, loha, lokr, ia3, vera, oft (any "
+                               "method adapterkit implements)."),
+    r: int = typer.Option(16, "--r", help="Rank (LoRA, DoRA, LoHa, LoKr, VeRA) or block size (OFT); IA3 has none."),
     alpha: float = typer.Option(32, "--alpha", help="Alpha (scale = alpha / r)."),
     targets: Optional[list[str]] = typer.Option(None, "--targets", help="Modules to adapt: names or suffixes "
                                                 "(repeat or comma-separate), or 'all-linear' (default)."),
@@ -58,6 +58,8 @@ def train_command(
     from .. import training_data as D
     from ..train import TrainConfig, seed_everything, train
 
+    if add_tokens and method.lower() not in ("lora", "dora"):
+        raise CliError("--add-tokens trains the new embedding rows with LoRA's trainable tokens; use --method lora")
     for name, value in (("--max-steps", max_steps), ("--batch-size", batch_size), ("--grad-accum", grad_accum),
                         ("--r", r), ("--max-length", max_length)):
         if value < 1:
@@ -94,7 +96,7 @@ def train_command(
         raise CliError(f"{data_path}: no record has a trainable token within --max-length {max_length}")
     train_set, eval_set = D.split_train_eval(examples, eval_fraction, seed=seed)
     console.print(f"data   {data_path} ({len(records)} records: {len(train_set)} train, {len(eval_set)} held out)")
-    console.print(f"{method.lower():<6} r={r} alpha={alpha:g} on {_describe(resolved_targets)}: {trainable:,} trainable of "
+    console.print(f"{method.lower():<6} {_knobs_text(cfg)} on {_describe(resolved_targets)}: {trainable:,} trainable of "
                   f"{total:,} parameters ({100 * trainable / total:.2f}%)")
 
     tcfg = TrainConfig(max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
@@ -145,6 +147,32 @@ _KNOB_FIELDS = {
 _ALIASES = {"dora": ("LORA", {"use_dora": True})}
 
 
+def _ia3_config(*, r, alpha, dropout, targets, layers_to_transform=None, **fields):
+    from ..methods.ia3 import IA3Config
+
+    if layers_to_transform:
+        raise CliError("--layers is not an IA3 option; pass the wanted modules with --targets")
+    return IA3Config(target_modules=targets, **fields)
+
+
+def _oft_config(*, r, alpha, dropout, targets, **fields):
+    from ..methods.oft import OFTConfig
+
+    # --r is the block size (PEFT's recommended knob); the number of blocks follows from each layer's width.
+    return OFTConfig(r=0, oft_block_size=r, target_modules=targets, **fields)
+
+
+# Methods whose knobs do not map one to one onto --r / --alpha / --dropout.
+_SPECIAL = {"ia3": _ia3_config, "oft": _oft_config}
+
+
+def _knobs_text(cfg) -> str:
+    """The method's size knobs for the console line (r, alpha, block size), whichever it has."""
+    parts = [f"{name}={getattr(cfg, name):g}" for name in ("r", "lora_alpha", "alpha", "oft_block_size")
+             if isinstance(getattr(cfg, name, None), (int, float)) and getattr(cfg, name)]
+    return " ".join(parts) or "vectors"
+
+
 def config_for_method(method: str, *, r: int, alpha: float, dropout: float, targets, **fields):
     """The config for `--method` from the method table, with the generic knobs put in that method's fields.
 
@@ -154,6 +182,9 @@ def config_for_method(method: str, *, r: int, alpha: float, dropout: float, targ
     from ..errors import ConfigError
     from ..methods import METHODS
 
+    special = _SPECIAL.get(method.lower())
+    if special is not None:
+        return special(r=r, alpha=alpha, dropout=dropout, targets=targets, **fields)
     peft_type, fixed = _ALIASES.get(method.lower(), (method.upper(), {}))
     entry = METHODS.get(peft_type)
     if entry is None:
