@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 
+import dataclasses
+from typing import ClassVar
+
 import pytest
 import torch
 
 import adapterkit as ak
+from adapterkit.config import AdapterConfig
 from adapterkit.checkpoint import read_adapter
 from adapterkit.cli.common import CliError
 from adapterkit.cli.inspect import method_rows
@@ -55,12 +59,14 @@ def test_inspect_norm_is_the_update_norm(tmp_path) -> None:
 
 
 def test_inspect_generic_fallback_for_a_method_without_summary() -> None:
-    class Plain:
-        peft_type = "SOMETHING"
-        r = 3
+    @dataclasses.dataclass
+    class Plain(AdapterConfig):
+        r: int = 3
+        peft_type: str = "SOMETHING"
+        PEFT_TYPE: ClassVar[str] = "SOMETHING"
 
-    rows = method_rows(Plain(), {"k": torch.zeros(2, 3)})
-    assert rows == [("method", "SOMETHING (r=3), 1 tensors, 24 B")]
+    rows = method_rows(Plain(target_modules=["q_proj"]), {"k": torch.zeros(2, 3)})
+    assert rows == [("method", "SOMETHING (r=3)")]
 
 
 def test_config_for_method_maps_the_knobs() -> None:
@@ -83,5 +89,5 @@ def test_train_add_tokens_needs_lora(cli, tmp_path, tiny_model_dir, chat_data):
     code, stdout, err = cli("train", "--model", tiny_model_dir, "--data", chat_data, "--out", tmp_path / "x",
                             "--method", "loha", "--add-tokens", "<new>")
     assert code != 0
-    assert "--add-tokens trains the new embedding rows through LoRA" in stdout + err
+    assert "--add-tokens trains the new embedding rows with LoRA" in stdout + err
     assert not (tmp_path / "x").exists()

@@ -67,9 +67,6 @@ def train_command(
     if threads:
         torch.set_num_threads(threads)
 
-    if add_tokens and method.lower() not in ("lora", "dora"):
-        raise CliError(f"--add-tokens trains the new embedding rows through LoRA's trainable_token_indices; "
-                       f"--method {method} has no such option. Use --method lora, or add the tokens separately.")
     config_for_method(method, r=r, alpha=alpha, dropout=dropout, targets=["probe"])  # refuse bad options early
     data_path = data if data is not None else D.default_dataset_path()
     records = D.load_records(data_path)  # checked before the (slower) model load
