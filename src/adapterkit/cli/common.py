@@ -8,6 +8,8 @@ import time
 
 from rich.console import Console
 
+from .extras import install_hint
+
 console = Console(highlight=False, soft_wrap=True)
 
 DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes; torch is imported lazily to keep --help fast
@@ -27,7 +29,6 @@ def pyplot(what: str):
     except ModuleNotFoundError as exc:
         if exc.name != "matplotlib":
             raise
-        from .main import install_hint
 
         console.print(f"{what} skipped: matplotlib is not installed ({install_hint('matplotlib')})", markup=False)
         return None
@@ -88,7 +89,6 @@ def _require_gguf() -> None:
     try:
         import gguf  # noqa: F401
     except ImportError:
-        from .main import install_hint
 
         raise CliError(f"reading a GGUF model needs the gguf package, which is not installed: "
                        f"{install_hint('gguf')}") from None
