@@ -10,6 +10,8 @@ from . import vocab  # adapterkit.vocab.add_tokens / find_ties
 from .checkpoint import LoadReport, load, save
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
+from .losses import causal_lm_loss, chunked_loss
+from .memory import checkpoint_layers, checkpointed, decoder_layers, uncheckpoint_layers
 from .methods import METHODS, Method, register
 from .methods.lora_config import LoraConfig
 from .verbs import (
@@ -41,6 +43,11 @@ __all__ = [
     "Method",
     "TargetError",
     "active_adapters",
+    "causal_lm_loss",
+    "checkpoint_layers",
+    "checkpointed",
+    "chunked_loss",
+    "decoder_layers",
     "adapters",
     "attach",
     "count_parameters",
@@ -52,6 +59,7 @@ __all__ = [
     "save",
     "set_active",
     "trainable_parameters",
+    "uncheckpoint_layers",
     "unload",
     "unmerge",
     "vocab",
