@@ -172,3 +172,11 @@ def test_model_without_a_plain_head_is_refused():
 
     with pytest.raises(ak.ConfigError, match="NoHead: the chunked loss needs a causal LM"):
         ak.causal_lm_loss(NoHead(), input_ids())
+
+
+def test_cli_refuses_a_zero_loss_chunk(capsys, tmp_path):
+    from adapterkit.cli.main import main
+
+    assert main(["train", "--out", str(tmp_path / "o"), "--loss-chunk", "0"]) != 0
+    assert not (tmp_path / "o").exists()
+    assert "--loss-chunk must be at least 1, got 0" in " ".join(capsys.readouterr().err.split())

@@ -158,3 +158,31 @@ def test_no_layers_is_a_clear_error_and_the_model_is_untouched():
 def test_recompute_off_without_offload_is_refused():
     with pytest.raises(ak.ConfigError, match="recompute=False\\) only makes sense with offload=True"):
         ak.checkpoint_layers(build("llama"), recompute=False)
+
+
+def _examples(n: int = 6) -> list[dict]:
+    gen = torch.Generator().manual_seed(5)
+    out = []
+    for i in range(n):
+        ids = torch.randint(1, 128, (6 + i,), generator=gen).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})  # a masked prompt of 3 tokens
+    return out
+
+
+def test_train_options_give_the_plain_training_run():
+    """`adapterkit train`'s loop with the chunked loss, checkpointing and offload ends with the plain run's adapter."""
+    from adapterkit.train import TrainConfig, train
+
+    results = []
+    for opts in (dict(), dict(loss_chunk=4, checkpoint=True, offload=True), dict(loss_chunk=3, offload=True)):
+        model = build("llama", tie=True)
+        ak.attach(model, ak.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
+        cfg = TrainConfig(max_steps=3, batch_size=3, warmup_steps=1, lr=1e-2, **opts)
+        result = train(model, _examples(), _examples(2), cfg)
+        assert not any("forward" in layer.__dict__ for layer in model.model.layers)  # unwrapped afterwards
+        results.append((result, [p.detach().clone() for p in ak.trainable_parameters(model)]))
+    (plain, want), *others = results
+    for result, got in others:
+        assert result.eval_after == pytest.approx(plain.eval_after, rel=1e-5)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
