@@ -180,3 +180,59 @@ def test_cli_refuses_a_zero_loss_chunk(capsys, tmp_path):
     assert main(["train", "--out", str(tmp_path / "o"), "--loss-chunk", "0"]) != 0
     assert not (tmp_path / "o").exists()
     assert "--loss-chunk must be at least 1, got 0" in " ".join(capsys.readouterr().err.split())
+
+
+def test_causal_lm_loss_never_builds_more_than_a_chunk_of_logits():
+    model = build("llama")
+    shapes = []
+    model.lm_head.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.shape)))
+    ids = input_ids(batch=2, length=9)
+    ak.causal_lm_loss(model, ids, chunk_size=5)
+    logits = [s for s in shapes if s[-1] == VOCAB]
+    assert logits == [(5, VOCAB)] * 3 + [(1, VOCAB)]  # 16 targets: 5 + 5 + 5 + 1
+    assert "forward" not in model.lm_head.__dict__  # the bypass is gone
+
+
+def test_head_bypass_restores_an_instance_forward():
+    head = nn.Linear(4, 6)
+    mine = head.forward
+    head.forward = mine
+    with losses.head_bypassed(head):
+        assert head(torch.ones(2, 4)).shape == (2, 4)
+    assert head.forward is mine and head(torch.ones(2, 4)).shape == (2, 6)
+
+
+def _trainer_run(tmp_path, mixin: bool, accumulate: int):
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    from adapterkit.integrations.trainer import ChunkedLossMixin
+
+    class ChunkedTrainer(ChunkedLossMixin, Trainer):
+        loss_chunk_size = 3
+
+    model = build("llama")
+    ak.attach(model, ak.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"]))
+    gen = torch.Generator().manual_seed(2)
+    rows = []
+    for i in range(8):
+        ids = torch.randint(0, VOCAB, (7,), generator=gen)
+        labels = ids.clone()
+        labels[: 1 + i % 4] = -100  # unequal label counts: the accumulation must weight tokens
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(7, dtype=torch.long), "labels": labels})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=accumulate, learning_rate=0.5, optim="sgd", report_to=[],
+                             use_cpu=True, save_strategy="no", logging_strategy="no", seed=0,
+                             dataloader_drop_last=True)
+    cls = ChunkedTrainer if mixin else Trainer
+    trainer = cls(model=model, args=args, train_dataset=rows, data_collator=default_data_collator)
+    trainer.train()
+    return [p.detach().clone() for p in ak.trainable_parameters(model)]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_trainer_mixin_trains_like_the_trainers_own_loss(tmp_path, accumulate):
+    want = _trainer_run(tmp_path / "plain", False, accumulate)
+    got = _trainer_run(tmp_path / "chunked", True, accumulate)
+    assert any(w.abs().sum() > 0 for w in want)  # SGD: the step is proportional to the loss scale
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

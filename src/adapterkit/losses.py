@@ -1,7 +1,7 @@
 """Output losses that never hold the full (tokens x vocab) logits: the head and the cross-entropy run chunk by chunk.
 
 `chunked_loss(hidden, head, labels)` for any head module; `causal_lm_loss(model, input_ids, ...)` for a transformers
-causal LM (decoder once, then the chunked head loss on the shifted labels).
+causal LM (its forward with the head bypassed, then the chunked head loss on the shifted labels).
 
 Each chunk runs under `torch.utils.checkpoint` (non-reentrant): the forward keeps only the chunk's scalar loss, the
 backward recomputes that chunk's logits, so at most one chunk of logits (and its gradient) is alive at a time. The head
@@ -11,6 +11,9 @@ fused linear cross-entropy when that package is installed (never required); ever
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +121,32 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return decoder, head
 
 
+@contextlib.contextmanager
+def head_bypassed(head: nn.Module) -> Iterator[None]:
+    """Within the block, `head(x)` returns x: the model's own forward (through DDP or any other wrapper) then hands
+    back the hidden states in place of the logits, which never get computed."""
+    previous = head.__dict__.get("forward")
+    head.forward = _identity
+    try:
+        yield
+    finally:
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
+
+
+def _identity(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return x
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    # DistributedDataParallel and DataParallel keep the user's model as `.module`; their forward must still run.
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
 def causal_lm_loss(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -134,17 +163,22 @@ def causal_lm_loss(
     """Next-token cross-entropy of a transformers causal LM, as `model(input_ids, labels=labels).loss` computes it
     (labels default to input_ids; position t predicts label t+1), without materialising the logits.
 
-    only_labelled: run the head only at positions whose target is not ignored (the same loss; less head work when
-    prompts or padding are masked out). Other keyword arguments go to the decoder (e.g. position_ids).
+    The model's own forward runs (so a DistributedDataParallel wrapper syncs gradients as usual) with its output
+    head bypassed; the head then runs chunk by chunk on the hidden states. only_labelled: run the head only at
+    positions whose target is not ignored (the same loss, less head work when prompts or padding are masked out).
+    Other keyword arguments go to the model's forward (e.g. position_ids).
     """
-    parts = split_head(model)
+    inner = _unwrapped(model)
+    parts = split_head(inner)
     if parts is None:
-        raise ConfigError(f"{type(model).__name__}: the chunked loss needs a causal LM whose logits are "
+        raise ConfigError(f"{type(inner).__name__}: the chunked loss needs a causal LM whose logits are "
                           "`get_output_embeddings()(hidden states of base_model_prefix)`; this model post-processes "
                           "its logits or is not split that way. Use model(..., labels=...).loss instead.")
-    decoder, head = parts
+    head = parts[1]
     labels = input_ids if labels is None else labels
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)[0]  # (B, T, H)
+    with head_bypassed(head):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+    hidden = out.logits if hasattr(out, "logits") else out[0]  # (B, T, H): what the head would have read
     hidden, targets = hidden[:, :-1], labels[:, 1:].to(hidden.device)  # (B, T-1, H), (B, T-1)
     if only_labelled:
         keep = targets != ignore_index  # (B, T-1)
