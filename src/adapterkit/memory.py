@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError
+from .kernels.recompute import transparent
 
 _STATE = "_adapterkit_memory"  # layer.__dict__ key: (forward to call, offload, recompute, previous instance forward)
 # Keyword arguments that carry a KV cache: a recomputed layer would append to it a second time in backward.
@@ -141,7 +142,7 @@ class SavedTensorMeter:
         self._seen: dict[int, int] = {}
         self.by_shape: dict[tuple, int] = {}
         self.saves = 0  # pack calls, shared or not
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(transparent(lambda t: self._pack(t)), lambda t: t)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         self.saves += 1

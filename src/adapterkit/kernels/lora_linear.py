@@ -17,6 +17,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .recompute import input_recipe
 from .reference import lora_linear_reference
 
 _BACKENDS = ("auto", "torch", "triton")
@@ -131,9 +132,11 @@ class _LoraLinearFn(torch.autograd.Function):
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         ctx.scaling, ctx.p, ctx.seed, ctx.use_triton = scaling, p, seed, use_triton
         ctx.lead = lead
-        # x only for dA; xa only for dB; the mask only on the plain dropout path.
+        # x only for dA, and not even then when backward can rebuild it from what autograd keeps anyway
+        # (recompute.py); xa only for dB; the mask only on the plain dropout path.
+        ctx.x_recipe = input_recipe(x) if need_a else None
         ctx.save_for_backward(
-            x2d if need_a else None,
+            x2d if need_a and ctx.x_recipe is None else None,
             weight if need_x else None,
             lora_a if (need_x or need_a) else None,
             lora_b if (need_x or need_a) else None,
@@ -145,6 +148,9 @@ class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2d, weight, lora_a, lora_b, xa, mask = ctx.saved_tensors
+        if ctx.x_recipe is not None:
+            x2d = ctx.x_recipe().reshape(-1, lora_a.shape[1])  # (N, in), bit-identical to the forward's x
+            ctx.x_recipe = None  # drop the references to the producing nodes
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         s, p = ctx.scaling, ctx.p
         dy2d = dy.reshape(-1, dy.shape[-1])  # (N, out)
