@@ -186,3 +186,19 @@ def test_train_options_give_the_plain_training_run():
         assert result.eval_after == pytest.approx(plain.eval_after, rel=1e-5)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_long_context_bench_small_run():
+    """bench/long_context.py --small: each option moves the longest trainable length the way it should."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "long_context.py"
+    spec = importlib.util.spec_from_file_location("long_context", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = {r["config"]: r for r in bench.main(["--small", "--only", "ak", "ak+ckpt", "ak+chunk+ckpt+offload"])}
+    assert rows["ak"]["longest"] < rows["ak+ckpt"]["longest"] < rows["ak+chunk+ckpt+offload"]["longest"]
+    assert rows["ak+chunk+ckpt+offload"]["loss"] == "chunked"
+    (sub,) = bench.main(["--small", "--subprocess", "--only", "ak+chunk+ckpt"])  # the GPU run's path
+    assert sub["config"] == "ak+chunk+ckpt" and sub["longest"] > rows["ak"]["longest"], sub
