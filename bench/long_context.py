@@ -10,6 +10,7 @@ past --cpu-budget-mib), so the script itself is tested.
 
     python bench/long_context.py --layers 8          # GPU, about 6 minutes
     python bench/long_context.py --small             # CPU smoke run (seconds)
+    python bench/long_context.py --saved-bytes       # CPU: what LoRA keeps for backward, inputs saved vs rebuilt
 """
 
 from __future__ import annotations
@@ -237,6 +238,36 @@ def table(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def saved_bytes(dtype=torch.bfloat16) -> list[tuple[str, int]]:
+    """Bytes kept for backward (distinct storages, parameters excluded) by a small Llama-3.2-1B-proportioned model
+    (hidden 512, MLP 4x, 4 layers, batch 2x256): frozen base, LoRA all-linear r=16 saving its inputs, and LoRA
+    rebuilding them in backward (kernels/recompute.py). CPU; the input embeddings require grad, as in train_step.py."""
+    import adapterkit as ak
+    from adapterkit.kernels import set_input_recompute
+    from adapterkit.memory import SavedTensorMeter
+
+    shape = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True)
+    ids = torch.randint(0, shape["vocab_size"], (2, 256), generator=torch.Generator().manual_seed(0))
+    out = []
+    for label, lora, recompute in (("frozen base", False, True), ("LoRA, inputs saved", True, False),
+                                   ("LoRA, inputs rebuilt", True, True)):
+        model = build(shape, "bf16", "cpu").to(dtype).train()
+        if lora:
+            ak.attach(model, ak.LoraConfig(r=16, target_modules="all-linear"))
+            for p in ak.trainable_parameters(model):
+                p.data = p.data.to(dtype)
+        set_input_recompute(recompute)
+        try:
+            emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            with SavedTensorMeter(exclude=list(model.parameters())) as meter:
+                model.model(inputs_embeds=emb)
+        finally:
+            set_input_recompute(True)
+        out.append((label, meter.bytes))
+    return out
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--small", action="store_true", help="tiny model on CPU (a smoke run)")
@@ -250,6 +281,8 @@ def parse(argv=None):
     p.add_argument("--only", nargs="*", default=None, help="configs to run (names as in the table)")
     p.add_argument("--cpu-budget-mib", type=float, default=0.5, help="--small: simulated memory for activations")
     p.add_argument("--subprocess", action="store_true", help="--small: one subprocess per config as on the GPU")
+    p.add_argument("--saved-bytes", action="store_true", help="CPU: bytes LoRA keeps for backward, and what the "
+                   "input rebuild saves (no search)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     defaults = (64, 256, 32, 5.0) if args.small else (16384, 131072, 8192, 35.0)
@@ -264,6 +297,14 @@ def parse(argv=None):
 def main(argv=None) -> list[dict]:
     args = parse(argv)
     configs = [c for c in CONFIGS if args.only is None or c[0] in args.only]
+    if args.saved_bytes:
+        rows = saved_bytes()
+        base = rows[0][1]
+        tokens, layers = 2 * 256, 4
+        for label, n in rows:
+            print(f"{label:<22} {n / 2**20:8.2f} MiB kept  (+{(n - base) / 2**20:6.2f} MiB over the frozen base, "
+                  f"{(n - base) / tokens / layers:7.0f} B per token and layer)")
+        return [{"label": label, "bytes": n} for label, n in rows]
     if args.worker is not None:
         config = next(c for c in CONFIGS if c[0] == args.worker)
         print(json.dumps(measure(*config, args)), flush=True)
