@@ -80,3 +80,17 @@ def test_inputs_of_other_ops_are_saved_as_usual():
     assert recompute.input_recipe(h) is None  # a leaf
     assert recompute.input_recipe(torch.tanh(h)) is None
     assert recompute.input_recipe(h * 2.0) is None  # MulBackward1 (a Python scalar)
+
+
+def test_a_retained_graph_can_run_backward_twice():
+    model = _model(torch.bfloat16, 0.0)
+    ids = input_ids(batch=1, length=5)
+    loss = model(input_ids=ids, labels=ids).loss
+    params = ak.trainable_parameters(model)
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    loss.backward()
+    for p, g in zip(params, first):
+        assert torch.equal(p.grad, g)

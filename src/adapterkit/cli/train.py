@@ -64,7 +64,8 @@ def train_command(
     if method.lower() != "lora":
         raise CliError(f"unknown --method {method!r}; adapterkit implements 'lora' so far")
     for name, value in (("--max-steps", max_steps), ("--batch-size", batch_size), ("--grad-accum", grad_accum),
-                        ("--r", r), ("--max-length", max_length), ("--loss-chunk", 1 if loss_chunk is None else loss_chunk)):
+                        ("--r", r), ("--max-length", max_length),
+                        ("--loss-chunk", 1 if loss_chunk is None else loss_chunk)):
         if value < 1:
             raise CliError(f"{name} must be at least 1, got {value}")
     if threads:

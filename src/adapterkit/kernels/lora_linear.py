@@ -149,8 +149,8 @@ class _LoraLinearFn(torch.autograd.Function):
     def backward(ctx, dy):
         x2d, weight, lora_a, lora_b, xa, mask = ctx.saved_tensors
         if ctx.x_recipe is not None:
-            x2d = ctx.x_recipe().reshape(-1, lora_a.shape[1])  # (N, in), bit-identical to the forward's x
-            ctx.x_recipe = None  # drop the references to the producing nodes
+            # (N, in), bit-identical to the forward's x; the recipe stays for a backward with retain_graph=True.
+            x2d = ctx.x_recipe().reshape(-1, lora_a.shape[1])
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         s, p = ctx.scaling, ctx.p
         dy2d = dy.reshape(-1, dy.shape[-1])  # (N, out)

@@ -1,8 +1,8 @@
 """Recompute a LoRA layer's input in backward from what autograd already keeps, instead of saving one more copy.
 
 A frozen linear saves nothing of its input; LoRA needs it for dA. Where that input is a product of tensors that
-autograd saved anyway — SwiGLU's act(gate) * up, RMSNorm's weight * (h * rsqrt(var)) — backward multiplies them again
-(elementwise, bit-identical to the forward) and the layer keeps no copy. Anything else is saved as usual.
+autograd saved anyway — SwiGLU's act(gate) * up, RMSNorm's weight * (h * rsqrt(var)) — backward multiplies them
+again (elementwise, bit-identical to the forward) and the layer keeps no copy. Anything else is saved as usual.
 """
 
 from __future__ import annotations
