@@ -176,8 +176,9 @@ def causal_lm_loss(
                           "its logits or is not split that way. Use model(..., labels=...).loss instead.")
     head = parts[1]
     labels = input_ids if labels is None else labels
+    model_kwargs.setdefault("use_cache", False)  # a training step needs no KV cache
     with head_bypassed(head):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     hidden = out.logits if hasattr(out, "logits") else out[0]  # (B, T, H): what the head would have read
     hidden, targets = hidden[:, :-1], labels[:, 1:].to(hidden.device)  # (B, T-1, H), (B, T-1)
     if only_labelled:
