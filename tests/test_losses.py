@@ -236,3 +236,53 @@ def test_trainer_mixin_trains_like_the_trainers_own_loss(tmp_path, accumulate):
     assert any(w.abs().sum() > 0 for w in want)  # SGD: the step is proportional to the loss scale
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _ddp_worker(rank: int, port: int, queue) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        model = build("llama")
+        ak.attach(model, ak.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        ids = input_ids(batch=1, length=7, seed=rank)
+        ak.causal_lm_loss(ddp, ids, chunk_size=4).backward()
+        queue.put((rank, [p.grad.numpy().copy() for p in ak.trainable_parameters(model)]))  # plain pickles
+    finally:
+        dist.destroy_process_group()
+
+
+def test_causal_lm_loss_through_ddp_averages_gradients():
+    """The model's own forward runs through the DDP wrapper, so its gradient sync happens (the head, bypassed in
+    the forward and run chunk by chunk after it, included)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(rank, port, queue)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    singles = []
+    for rank in range(2):
+        model = build("llama")
+        ak.attach(model, ak.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+        ak.causal_lm_loss(model, input_ids(batch=1, length=7, seed=rank), chunk_size=4).backward()
+        singles.append([p.grad for p in ak.trainable_parameters(model)])
+    for a, b, g0, g1 in zip(*singles, got[0], got[1]):
+        g0, g1 = torch.from_numpy(g0), torch.from_numpy(g1)
+        torch.testing.assert_close(g0, (a + b) / 2, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(g1, g0)
