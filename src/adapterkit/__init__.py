@@ -11,6 +11,8 @@ from .checkpoint import LoadReport, load, save
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
 from .export import ExportReport, export
+from .losses import causal_lm_loss, chunked_loss
+from .memory import checkpoint_layers, checkpointed, decoder_layers, uncheckpoint_layers
 from .methods import METHODS, Method, register
 from .methods.ia3 import IA3Config
 from .methods.loha import LoHaConfig
@@ -55,6 +57,11 @@ __all__ = [
     "TargetError",
     "VeraConfig",
     "active_adapters",
+    "causal_lm_loss",
+    "checkpoint_layers",
+    "checkpointed",
+    "chunked_loss",
+    "decoder_layers",
     "adapters",
     "attach",
     "count_parameters",
@@ -70,6 +77,7 @@ __all__ = [
     "serving_table",
     "set_active",
     "trainable_parameters",
+    "uncheckpoint_layers",
     "unload",
     "unmerge",
     "vocab",

@@ -49,6 +49,12 @@ def train_command(
     add_tokens: Optional[list[str]] = typer.Option(None, "--add-tokens", help="New tokens to add to the vocabulary "
                                                    "(repeat or comma-separate)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
+    loss_chunk: Optional[int] = typer.Option(None, "--loss-chunk", help="Compute the output head and loss this many "
+                                             "tokens at a time (the full logits never exist; for long contexts)."),
+    checkpoint: bool = typer.Option(False, "--checkpoint", help="Recompute each decoder layer in backward instead of "
+                                    "keeping its activations."),
+    offload: bool = typer.Option(False, "--offload", help="Keep what the layers save for backward in host memory "
+                                 "(with --checkpoint: only the layer inputs)."),
 ) -> None:
     """Fine-tune an adapter; writes the adapter, training.json and loss.png to --out. Ctrl-C saves the last step."""
     import torch
@@ -61,7 +67,8 @@ def train_command(
     if add_tokens and method.lower() not in ("lora", "dora"):
         raise CliError("--add-tokens trains the new embedding rows with LoRA's trainable tokens; use --method lora")
     for name, value in (("--max-steps", max_steps), ("--batch-size", batch_size), ("--grad-accum", grad_accum),
-                        ("--r", r), ("--max-length", max_length)):
+                        ("--r", r), ("--max-length", max_length),
+                        ("--loss-chunk", 1 if loss_chunk is None else loss_chunk)):
         if value < 1:
             raise CliError(f"{name} must be at least 1, got {value}")
     if threads:
@@ -97,7 +104,13 @@ def train_command(
                   f"{total:,} parameters ({100 * trainable / total:.2f}%)")
 
     tcfg = TrainConfig(max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-                       warmup_steps=min(10, max(max_steps // 10, 1)), max_seconds=max_time)
+                       warmup_steps=min(10, max(max_steps // 10, 1)), max_seconds=max_time,
+                       loss_chunk=loss_chunk, checkpoint=checkpoint, offload=offload)
+    if checkpoint or offload:
+        from ..memory import decoder_layers
+
+        if not decoder_layers(base):
+            raise CliError(f"--checkpoint/--offload: found no decoder layers in {type(base).__name__}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     result = _train_with_progress(base, train_set, eval_set, tcfg, pad_id, train)
 
@@ -111,7 +124,8 @@ def train_command(
                    "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
                    "max_length": max_length, "eval_fraction": eval_fraction, "seed": seed,
                    "layers": _layer_list(layers), "max_time": max_time,
-                   "add_tokens": new_tokens},
+                   "add_tokens": new_tokens, "loss_chunk": loss_chunk, "checkpoint": checkpoint,
+                   "offload": offload},
         "trainable_parameters": trainable,
         "train_examples": len(train_set),
         "eval_examples": len(eval_set),
