@@ -69,7 +69,7 @@ __all__ = [
 def compute(model: nn.Module, modules: list[str] | None = None) -> dict:
     """The fingerprint of `model`'s base. `modules`: plain paths to sign (default: every module an adapter wraps)."""
     if modules is None:
-        state = adapteradapter_state(model)
+        state = adapter_state(model)
         modules = sorted(state.wrappers) if state is not None else []
     config = getattr(model, "config", None)
     revision = getattr(config, "_commit_hash", None) if config is not None else None
