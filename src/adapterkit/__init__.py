@@ -12,7 +12,9 @@ from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
 from .methods import METHODS, Method, register
 from .methods.lora_config import LoraConfig
+from .quantized import dequantize_model, prepare_for_kbit_training, quantize_model
 from .verbs import (
+    MergeReport,
     active_adapters,
     adapters,
     attach,
@@ -38,6 +40,7 @@ __all__ = [
     "LoadReport",
     "LoraConfig",
     "MergeError",
+    "MergeReport",
     "Method",
     "TargetError",
     "active_adapters",
@@ -45,9 +48,12 @@ __all__ = [
     "attach",
     "count_parameters",
     "delete",
+    "dequantize_model",
     "disabled",
     "load",
     "merge",
+    "prepare_for_kbit_training",
+    "quantize_model",
     "register",
     "save",
     "set_active",

@@ -90,4 +90,6 @@ def config_from_file(path: str | Path) -> AdapterConfig:
 
 
 # -- the table -----------------------------------------------------------------------------------------------------
-register(Method("LORA", LoraConfig, {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding}))
+register(Method("LORA", LoraConfig, {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding,
+                                     # quantized linears (quantized.py): LoRA and DoRA over the dequantized weight
+                                     "bnb4bit": LoraLinear, "bnb8bit": LoraLinear, "torchao": LoraLinear}))
