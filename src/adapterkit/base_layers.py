@@ -14,6 +14,7 @@ so a quantized `Linear4bit`, which passes `isinstance(nn.Linear)`, is never mist
     view.saved_weight(module) / view.restore_weight(module, saved)   # keep and put back the exact stored weight
     view.saved_float_weight(module, saved)   # float32 values of a saved weight (dequantized if packed)
     view.quantized(module)            # packed storage: merges requantize, fingerprints dequantize
+    view.prepare(module)              # called once by `attach` before an adapter wraps the layer (default: nothing)
 
 New base-layer kinds register with `register_view(view, before=...)` (bitsandbytes and torchao: quantized.py).
 """
@@ -81,6 +82,10 @@ class BaseView:
     @staticmethod
     def saved_float_weight(module: nn.Module, saved: Any) -> torch.Tensor:
         return saved.detach().float()
+
+    @staticmethod
+    def prepare(module: nn.Module) -> None:
+        return None
 
     @staticmethod
     def quantized(module: nn.Module) -> bool:

@@ -18,6 +18,7 @@ from torch import nn
 
 from .base_layers import BaseView, LinearView, register_view, view_of
 from .errors import ConfigError, TargetError
+from .state import adapter_state
 
 QUANT_KINDS = ("nf4", "fp4", "int8")
 _INT8_SCALE = 1.0 / 127  # bitsandbytes' int8 rows: w = CB * SCB / 127
@@ -42,6 +43,18 @@ def _packed_for_cpu(param: torch.Tensor) -> bool:
     return bool(getattr(param.quant_state, "packing_format_for_cpu", False))
 
 
+def _cpu_packed_codes(param: torch.Tensor) -> torch.Tensor:
+    """(N, K) 4-bit code indices of a CPU-packed weight.
+
+    The packed data is (N, K/2) bytes: for each block of 32 rows and pair of columns, 32 bytes holding the 32 rows'
+    first-column codes in their low nibbles and second-column codes in their high nibbles.
+    """
+    n, k_half = param.data.shape
+    packed = param.data.view(torch.uint8).reshape(-1, 32)
+    codes = torch.cat([packed & 0xF, packed >> 4], dim=-1)  # (N*K/64, 64): 32 low then 32 high nibbles
+    return codes.reshape(n // 32, k_half, 32, 2).transpose(1, 2).reshape(n, 2 * k_half)
+
+
 def dequantize_4bit(param: torch.Tensor) -> torch.Tensor:
     """float32 (out, in) values of a quantized `Params4bit`, in bitsandbytes' standard layout or its CPU-packed one."""
     state = param.quant_state
@@ -49,16 +62,31 @@ def dequantize_4bit(param: torch.Tensor) -> torch.Tensor:
         import bitsandbytes.functional as bnb_f
 
         return bnb_f.dequantize_4bit(param.data, state).float()
-    # CPU-packed: (N, K/2) bytes; each run of 32 bytes holds the low nibbles of 32 rows' pair of columns then the high
-    # ones, for blocks of 32 rows; absmax is (K / blocksize, N) bf16. Undo the nibble order, then scale the codes.
-    n, k_half = param.data.shape
-    k = 2 * k_half
-    packed = param.data.view(torch.uint8).reshape(-1, 32)
-    codes = torch.cat([packed & 0xF, packed >> 4], dim=-1)  # (N*K/64, 64): 32 low then 32 high nibbles
-    codes = codes.reshape(n // 32, k_half, 32, 2).transpose(1, 2).reshape(n, k)  # (N, K) code indices
-    absmax = state.absmax.float().T  # (N, K / blocksize)
+    codes = _cpu_packed_codes(param)  # (N, K)
+    n, k = codes.shape
+    absmax = state.absmax.float().T  # (N, K / blocksize): stored (K / blocksize, N) in bf16
     values = state.code.float()[codes.long()].reshape(n, k // state.blocksize, state.blocksize)
     return (values * absmax[:, :, None]).reshape(n, k)
+
+
+def _unpack_for_training(module: nn.Module) -> None:
+    """Put a CPU-packed 4-bit weight back in bitsandbytes' standard layout, with the same values.
+
+    The packed state keeps absmax as bf16 (double quantization already undone), so the standard state gets that
+    absmax widened to float32 without double quantization: every weight entry dequantizes to exactly what the packed
+    layer computed with (bitsandbytes' own inverse re-quantizes the absmax, which moves the weights).
+    """
+    param = module.weight
+    state = param.quant_state
+    codes = _cpu_packed_codes(param).reshape(-1)  # (N*K,) row-major
+    data = ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8).reshape(state.original_qshape)  # high nibble first
+    storage = getattr(state, "original_storage_type", None)
+    state.absmax = state.absmax.float().T.contiguous().reshape(-1)  # (N * K / blocksize,) row-major blocks
+    state.dtype = state.original_dtype
+    state.nested = False
+    state.packing_format_for_cpu = False
+    param.data = data.view(storage) if storage is not None else data
+    module.quant_state = state
 
 
 def _source_dtype_4bit(param: torch.Tensor) -> torch.dtype:
@@ -121,6 +149,20 @@ class Bnb4bitView(BaseView):
     def restore_weight(module: nn.Module, saved: Any) -> None:
         module.weight = saved
         module.quant_state = saved.quant_state
+
+    @staticmethod
+    def prepare(module: nn.Module) -> None:
+        """Keep the layer in bitsandbytes' standard layout while it carries an adapter.
+
+        bitsandbytes 0.50's CPU-packed layout (made by the first eval-mode forward on AVX512-BF16 CPUs) has no
+        backward: a later training step silently gets no gradient through the layer (and fails when it has a bias).
+        So the repacking is turned off for adapted layers, and a layer packed already is put back in the standard
+        layout with the same values (`_unpack_for_training`).
+        """
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+        if getattr(module.weight, "quant_state", None) is not None and _packed_for_cpu(module.weight):
+            _unpack_for_training(module)
 
     @staticmethod
     def saved_float_weight(module: nn.Module, saved: Any) -> torch.Tensor:
@@ -318,7 +360,7 @@ def quantize_model(
     """
     if kind not in QUANT_KINDS:
         raise ConfigError(f"quantization kind must be one of {', '.join(QUANT_KINDS)}, got {kind!r}.")
-    if getattr(model, "_adapterkit_state", None) is not None:
+    if adapter_state(model) is not None:
         raise ConfigError("the model carries adapters; quantize the base before attaching them.")
     bnb = _bnb()
     get_head = getattr(model, "get_output_embeddings", None)

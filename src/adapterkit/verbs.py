@@ -92,6 +92,9 @@ def attach(
         model.__dict__[STATE_ATTR] = state
     ctx = AttachContext(dtype=dtype, init=init)
     for path, module, layer in plan:
+        view = view_of(module) if not isinstance(module, layer) else None
+        if view is not None:
+            view.prepare(module)  # e.g. a 4-bit layer's training-safe layout (quantized.py)
         wrapper = module if isinstance(module, layer) else layer(module)
         if wrapper is not module:
             replace_module(model, path, wrapper)
@@ -281,7 +284,7 @@ def unload(model: nn.Module, merge: bool = False, dtype: torch.dtype | None = No
     merge=True folds the active adapters in first and keeps trained `modules_to_save` copies in place of the originals.
     dtype: a full-precision model in `dtype`: every quantized linear layer (adapted or not) becomes a plain nn.Linear
     holding its dequantized weight (merged in float32 first when merge=True, so nothing is requantized) and every
-    float parameter is cast to `dtype`. Without dtype, merging into a quantized layer requantizes it; the
+    float parameter (not buffers) is cast to `dtype`. Without dtype, merging into a quantized layer requantizes it; the
     MergeReport is then kept at `model.adapterkit_merge_report`.
     """
     model = unwrap(model)
@@ -310,7 +313,10 @@ def unload(model: nn.Module, merge: bool = False, dtype: torch.dtype | None = No
     _forget(model, state)
     if dtype is not None:
         dequantize_model(model, dtype)
-        model.to(dtype)
+        # Parameters only: buffers such as rotary inv_freq stay as the model computes them (float32 in transformers).
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "dtype"):
             config.dtype = dtype

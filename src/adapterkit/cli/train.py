@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from ..quantized import QUANT_KINDS
 from .common import CliError, console, human_size, load_base
 
 # Defaults tuned on the shipped dataset and SmolLM2-135M on 2 CPU cores: all linear layers at r=16 learn the facts
@@ -46,6 +47,8 @@ def train_command(
     add_tokens: Optional[list[str]] = typer.Option(None, "--add-tokens", help="New tokens to add to the vocabulary "
                                                    "(repeat or comma-separate)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="QLoRA: quantize the base's linear layers (all "
+                                           "but the output head) with bitsandbytes: nf4, fp4 or int8."),
 ) -> None:
     """Fine-tune a LoRA adapter; writes the adapter, loss.png and training.json to --out. Ctrl-C saves the last step."""
     import torch
@@ -63,6 +66,8 @@ def train_command(
             raise CliError(f"{name} must be at least 1, got {value}")
     if threads:
         torch.set_num_threads(threads)
+    if quantize is not None and quantize.lower() not in QUANT_KINDS:
+        raise CliError(f"unknown --quantize {quantize!r}; choose one of {', '.join(QUANT_KINDS)}")
 
     data_path = data if data is not None else D.default_dataset_path()
     records = D.load_records(data_path)  # checked before the (slower) model load
@@ -73,6 +78,12 @@ def train_command(
 
     new_tokens = _split(add_tokens)
     new_ids = _add_tokens(base, tokenizer, new_tokens) if new_tokens else None
+    if quantize is not None:
+        try:
+            ak.quantize_model(base, quantize.lower())
+        except ak.ConfigError as err:  # bitsandbytes not installed
+            raise CliError(str(err)) from err
+        console.print(f"quant  {quantize.lower()} (bitsandbytes) on every linear layer but the output head")
 
     seed_everything(seed)
     target_list = _split(targets) or [DEFAULT_TARGETS]
@@ -108,7 +119,7 @@ def train_command(
                    "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
                    "max_length": max_length, "eval_fraction": eval_fraction, "seed": seed,
                    "layers": _layer_list(layers), "max_time": max_time,
-                   "add_tokens": new_tokens},
+                   "add_tokens": new_tokens, "quantize": quantize.lower() if quantize else None},
         "trainable_parameters": trainable,
         "train_examples": len(train_set),
         "eval_examples": len(eval_set),
