@@ -411,3 +411,32 @@ def test_torchao_unsupported_weight_is_refused_before_any_change():
         ak.attach(model, lora())
     assert not ak.adapters(model) and type(model.model.layers[0].self_attn.q_proj) is nn.Linear
     ak.attach(model, lora(target_modules=["q_proj", "v_proj"]))  # targets that avoid it work
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+def test_cli_train_quantize_then_merge_dequantized(tmp_path, capsys):
+    import json
+
+    from cli.conftest import RECORDS, build_model_dir
+    from transformers import AutoModelForCausalLM
+
+    from adapterkit.cli.main import main
+
+    base = build_model_dir(tmp_path / "base", hidden=HIDDEN)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
+    adapter = tmp_path / "adapter"
+    args = ["train", "--model", str(base), "--data", str(data), "--out", str(adapter), "--max-steps", "3",
+            "--batch-size", "4", "--r", "4", "--lr", "1e-2"]
+    assert main(args + ["--quantize", "nf4"]) == 0
+    assert "quant  nf4" in capsys.readouterr().out
+    log = json.loads((adapter / "training.json").read_text())
+    assert log["config"]["quantize"] == "nf4" and log["eval_after"] < log["eval_before"]
+    assert main(["merge", str(adapter), "--model", str(base), "--out", str(tmp_path / "merged")]) == 0
+    out = capsys.readouterr().out
+    assert "(nf4, dequantized)" in out and "MISMATCH" not in out
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert all(type(m) is nn.Linear for m in merged.modules() if isinstance(m, nn.Linear))
+
+    assert main(args + ["--quantize", "int4"]) == 1
+    assert "unknown --quantize 'int4'; choose one of nf4, fp4, int8" in "".join(capsys.readouterr())
