@@ -440,3 +440,14 @@ def test_cli_train_quantize_then_merge_dequantized(tmp_path, capsys):
 
     assert main(args + ["--quantize", "int4"]) == 1
     assert "unknown --quantize 'int4'; choose one of nf4, fp4, int8" in "".join(capsys.readouterr())
+
+
+def test_unload_merge_without_dtype_keeps_the_base_quantized_and_records_the_report():
+    model = quantized_llama("nf4")
+    attach_same([model], lora())
+    want = logits(model)
+    out = ak.unload(model, merge=True)
+    assert isinstance(out.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit) and not ak.adapters(out)
+    report = out.adapterkit_merge_report
+    assert len(report.requantization) == 14 and report.max_abs_error > 0
+    assert (logits(out) - want).abs().max() < 0.5

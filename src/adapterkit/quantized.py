@@ -357,6 +357,8 @@ def quantize_model(
     kind: "nf4" / "fp4" (Linear4bit, blocksize 64, double quantization unless double_quant=False) or "int8"
     (Linear8bitLt, outlier threshold 6.0 as transformers' BitsAndBytesConfig). compute_dtype: the 4-bit layers'
     compute dtype (default: each weight's dtype). Layers whose name is in `skip` and the model's output head are kept.
+    A transformers model is marked `is_loaded_in_4bit` / `is_loaded_in_8bit`, as transformers marks the models it
+    quantizes while loading.
     """
     if kind not in QUANT_KINDS:
         raise ConfigError(f"quantization kind must be one of {', '.join(QUANT_KINDS)}, got {kind!r}.")
@@ -392,6 +394,10 @@ def quantize_model(
         layer.train(module.training)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, layer)
+    if targets and hasattr(model, "config"):
+        # What transformers records on a model it loads with BitsAndBytesConfig; PEFT reads it to pick its
+        # bitsandbytes layers and to prepare the model for k-bit training.
+        model.__dict__["is_loaded_in_8bit" if kind == "int8" else "is_loaded_in_4bit"] = True
     return model
 
 
