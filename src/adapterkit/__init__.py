@@ -12,7 +12,8 @@ from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
 from .methods import METHODS, Method, register
 from .methods.lora_config import LoraConfig
-from .quantized import dequantize_model, prepare_for_kbit_training, quantize_model
+from .kbit_training import prepare_for_kbit_training
+from .quantized import dequantize_model, quantize_model
 from .verbs import (
     MergeReport,
     active_adapters,

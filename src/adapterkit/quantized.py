@@ -1,5 +1,5 @@
-"""Quantized base layers (QLoRA): base-layer views for bitsandbytes 4-bit / 8-bit linears and torchao int8 weights,
-`quantize_model` (float linears -> bitsandbytes), `dequantize_model` and `prepare_for_kbit_training`.
+"""Quantized base layers (QLoRA): base-layer views for bitsandbytes 4-bit / 8-bit linears (torchao's view:
+quantized_torchao.py), `quantize_model` (float linears -> bitsandbytes) and `dequantize_model` (-> plain nn.Linear).
 
 Neither bitsandbytes nor torchao is imported until a layer of theirs is met: a view recognises its layers by class
 name and module, so adapterkit imports (and runs float models) without either package installed.
@@ -18,6 +18,7 @@ from torch import nn
 
 from .base_layers import BaseView, LinearView, register_view, view_of
 from .errors import ConfigError, TargetError
+from .quantized_torchao import TorchaoView
 from .state import adapter_state
 
 QUANT_KINDS = ("nf4", "fp4", "int8")
@@ -249,78 +250,6 @@ class Bnb8bitView(BaseView):
         return True
 
 
-# -- torchao -----------------------------------------------------------------------------------------------------
-TORCHAO_SUPPORTED = {"Int8Tensor": "Int8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig"}
-
-
-def _torchao_weight(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return weight is not None and type(weight).__module__.startswith("torchao")
-
-
-class TorchaoView(BaseView):
-    """An nn.Linear whose weight torchao's `quantize_` replaced by a quantized tensor subclass.
-
-    Supported: `Int8Tensor` without static activation scales (Int8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig);
-    merging requantizes with the same granularity. Any other torchao weight is refused when it is matched, before the
-    model changes.
-    """
-
-    kind = "torchao"
-
-    @staticmethod
-    def matches(module: nn.Module) -> bool:
-        if not (isinstance(module, nn.Linear) and _torchao_weight(module)):
-            return False
-        weight = module.weight
-        name = type(weight).__name__
-        static = any(getattr(weight, a, None) is not None for a in ("act_quant_scale", "act_pre_scale"))
-        if name not in TORCHAO_SUPPORTED or static:
-            raise TargetError(
-                f"a torchao-quantized {type(module).__name__} with a {name}{' (static activation scales)' if static else ''} "
-                f"weight cannot carry an adapter; adapterkit supports torchao weights from "
-                f"{'; '.join(TORCHAO_SUPPORTED.values())}. Quantize with one of those, or with bitsandbytes "
-                "(adapterkit.quantize_model), or exclude this layer from target_modules."
-            )
-        return True
-
-    @staticmethod
-    def features(module: nn.Module) -> tuple[int, int]:
-        out_features, in_features = module.weight.shape
-        return in_features, out_features
-
-    @staticmethod
-    def float_weight(module: nn.Module) -> torch.Tensor:
-        return module.weight.detach().dequantize().float()
-
-    @staticmethod
-    def install_weight(module: nn.Module, weight: torch.Tensor) -> None:
-        from torchao.quantization.granularity import PerGroup, PerRow, PerTensor
-
-        old = module.weight
-        rows, cols = old.block_size
-        granularity = PerTensor() if rows > 1 else PerRow() if cols == old.shape[1] else PerGroup(cols)
-        new = type(old).from_hp(
-            weight.to(device=old.device, dtype=old.dtype),
-            granularity,
-            act_quant_kwargs=getattr(old, "act_quant_kwargs", None),
-            reduce_range=getattr(old, "reduce_range", False),
-        )
-        module.weight = nn.Parameter(new, requires_grad=False)
-
-    @staticmethod
-    def in_place_ok(module: nn.Module) -> bool:
-        return False
-
-    @staticmethod
-    def saved_float_weight(module: nn.Module, saved: Any) -> torch.Tensor:
-        return saved.detach().dequantize().float()
-
-    @staticmethod
-    def quantized(module: nn.Module) -> bool:
-        return True
-
-
 QUANTIZED_VIEWS = (Bnb4bitView, Bnb8bitView, TorchaoView)
 for _view in QUANTIZED_VIEWS:
     register_view(_view, before=LinearView)  # they pass isinstance(nn.Linear): tried before the float view
@@ -431,61 +360,4 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     for attr in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
         if getattr(model, attr, False):
             model.__dict__[attr] = False
-    return model
-
-
-# -- training preparation ----------------------------------------------------------------------------------------
-_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
-
-
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
-
-
-def _norm_in_float32(module: nn.Module, args: tuple) -> tuple:
-    module.__dict__["_adapterkit_norm_dtype"] = args[0].dtype
-    return (args[0].float(),) + tuple(args[1:])
-
-
-def _norm_back(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return output.to(module.__dict__["_adapterkit_norm_dtype"])
-
-
-def prepare_for_kbit_training(
-    model: nn.Module,
-    *,
-    gradient_checkpointing: bool = False,
-    checkpointing_kwargs: dict | None = None,
-    norms_in_float32: bool = True,
-) -> nn.Module:
-    """Get a quantized model ready for adapter training, in place; returns the same model.
-
-    - Freezes every base parameter (adapters attached later are the only trainable tensors).
-    - norms_in_float32: normalization layers whose weights are float16 / bfloat16 get float32 weights and run in
-      float32 on a float32 copy of their input, their output cast back to the input's dtype. The residual stream, the
-      embedding, the head and every other weight keep their dtype (PEFT's helper upcasts all of them to float32).
-    - gradient_checkpointing=True turns it on (non-reentrant unless checkpointing_kwargs says otherwise). Whenever
-      checkpointing is on, the embedding output is made to require grad, so reentrant checkpointing of frozen blocks
-      still carries gradients to the adapters.
-    """
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if norms_in_float32:
-        for module in model.modules():
-            params = list(module.parameters(recurse=False))
-            if not _is_norm(module) or not params or all(p.dtype == torch.float32 for p in params):
-                continue
-            if module.__dict__.get("_adapterkit_norm_dtype", False) is not False:
-                continue  # prepared before
-            for p in params:
-                p.data = p.data.float()
-            module.__dict__["_adapterkit_norm_dtype"] = None
-            module.register_forward_pre_hook(_norm_in_float32)
-            module.register_forward_hook(_norm_back)
-    if gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
-            raise ConfigError(f"{type(model).__name__} has no gradient_checkpointing_enable (not a transformers model).")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs or {"use_reentrant": False})
-    if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
     return model
