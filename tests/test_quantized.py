@@ -403,6 +403,23 @@ def test_torchao_int8_weight_only_lora_merge_unmerge():
     assert layer.weight is original and torch.equal(logits(model), want)
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_torchao_int8_training_gradients_match_float_model(dora):
+    tq = _torchao()
+    model = tiny_llama(hidden=HIDDEN)
+    tq.quantize_(model.model, tq.Int8WeightOnlyConfig())
+    twin = float_twin(model)
+    attach_same([model, twin], lora(dora))
+    ids = input_ids()
+    for m in (model, twin):
+        m.train()
+        m(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in twin.named_parameters() if p.requires_grad}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert (p.grad - grads[name]).norm() / grads[name].norm() < 0.02, name
+
+
 def test_torchao_unsupported_weight_is_refused_before_any_change():
     tq = _torchao()
     model = tiny_llama(hidden=HIDDEN)

@@ -132,7 +132,8 @@ class LoraLinear(AdapterWrapper):
         )
         base = self._modules["base_layer"]
         # One unmerged plain-LoRA adapter on a float nn.Linear: the fused kernel (one autograd node, only x saved).
-        fused = len(active) == 1 and active[0][2] is None and type(base) is nn.Linear
+        # Not on a quantized weight inside an nn.Linear (torchao): the kernel's backward needs a plain tensor.
+        fused = len(active) == 1 and active[0][2] is None and type(base) is nn.Linear and not self.view.quantized(base)
         self._set_plain(_active_lora=active, _fused=fused)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
