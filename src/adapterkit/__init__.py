@@ -10,10 +10,17 @@ from . import vocab  # adapterkit.vocab.add_tokens / find_ties
 from .checkpoint import LoadReport, load, save
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
-from .methods import METHODS, Method, register
-from .methods.lora_config import LoraConfig
+from .export import ExportReport, export
 from .kbit_training import prepare_for_kbit_training
+from .methods import METHODS, Method, register
+from .methods.ia3 import IA3Config
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
+from .methods.lora_config import LoraConfig
+from .methods.oft import OFTConfig
+from .methods.vera import VeraConfig
 from .quantized import dequantize_model, quantize_model
+from .routing import AdapterTable, drop_serving_table, routed, serving_table
 from .verbs import (
     MergeReport,
     active_adapters,
@@ -34,16 +41,23 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "AdapterConfig",
+    "AdapterTable",
     "AdapterError",
     "AdapterLoadError",
     "AdapterSaveError",
     "ConfigError",
+    "ExportReport",
+    "LoHaConfig",
+    "LoKrConfig",
+    "IA3Config",
     "LoadReport",
     "LoraConfig",
     "MergeError",
     "MergeReport",
+    "OFTConfig",
     "Method",
     "TargetError",
+    "VeraConfig",
     "active_adapters",
     "adapters",
     "attach",
@@ -51,12 +65,16 @@ __all__ = [
     "delete",
     "dequantize_model",
     "disabled",
+    "drop_serving_table",
+    "export",
     "load",
     "merge",
     "prepare_for_kbit_training",
     "quantize_model",
     "register",
+    "routed",
     "save",
+    "serving_table",
     "set_active",
     "trainable_parameters",
     "unload",

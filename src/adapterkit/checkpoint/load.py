@@ -17,7 +17,7 @@ from .. import vocab
 from ..config import AdapterConfig
 from ..errors import AdapterLoadError, ConfigError
 from ..methods import config_from_file
-from ..state import adapter_state
+from ..state import adapter_state, unwrap
 from ..verbs import attach, delete, set_active
 from . import fingerprint as F
 from . import report as R
@@ -94,6 +94,7 @@ def load(
         model's embeddings to match (tying kept; trained rows come from the file). False: raise instead.
     Raises AdapterLoadError (the model unchanged) on any mismatch; returns a LoadReport otherwise.
     """
+    model = unwrap(model)  # DDP / torch.compile wrappers: load onto the user's model inside
     folder, cfg, tensors, metadata = read_adapter(path, name)
     base_check = _check_base(model, folder, F.from_metadata(metadata), check_base)
     state = adapter_state(model)
