@@ -11,6 +11,7 @@ from .checkpoint import LoadReport, load, save
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
 from .export import ExportReport, export
+from .kbit_training import prepare_for_kbit_training
 from .losses import causal_lm_loss, chunked_loss
 from .memory import checkpoint_layers, checkpointed, decoder_layers, uncheckpoint_layers
 from .methods import METHODS, Method, register
@@ -20,8 +21,10 @@ from .methods.lokr import LoKrConfig
 from .methods.lora_config import LoraConfig
 from .methods.oft import OFTConfig
 from .methods.vera import VeraConfig
+from .quantized import dequantize_model, quantize_model
 from .routing import AdapterTable, drop_serving_table, routed, serving_table
 from .verbs import (
+    MergeReport,
     active_adapters,
     adapters,
     attach,
@@ -52,6 +55,7 @@ __all__ = [
     "LoadReport",
     "LoraConfig",
     "MergeError",
+    "MergeReport",
     "OFTConfig",
     "Method",
     "TargetError",
@@ -66,11 +70,14 @@ __all__ = [
     "attach",
     "count_parameters",
     "delete",
+    "dequantize_model",
     "disabled",
     "drop_serving_table",
     "export",
     "load",
     "merge",
+    "prepare_for_kbit_training",
+    "quantize_model",
     "register",
     "routed",
     "save",

@@ -96,7 +96,9 @@ def config_from_file(path: str | Path) -> AdapterConfig:
 
 
 # -- the table -----------------------------------------------------------------------------------------------------
-register(Method("LORA", LoraConfig, {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding}))
+register(Method("LORA", LoraConfig, {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding,
+                                     # quantized linears (quantized.py): LoRA and DoRA over the dequantized weight
+                                     "bnb4bit": LoraLinear, "bnb8bit": LoraLinear, "torchao": LoraLinear}))
 register(Method("LOHA", LoHaConfig, {"linear": LoHaLayer, "conv2d": LoHaLayer}, summary=loha.summary))
 register(Method("LOKR", LoKrConfig, {"linear": LoKrLayer, "conv2d": LoKrLayer}, summary=lokr.summary))
 register(Method("IA3", IA3Config, {"linear": IA3Linear, "conv1d": IA3Linear, "conv2d": IA3Conv2d}))
