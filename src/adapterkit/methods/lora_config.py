@@ -125,7 +125,7 @@ def _check_patterns(key: str, patterns: dict, valid, wanted: str) -> None:
     for pattern, value in patterns.items():
         if not isinstance(pattern, str):
             raise ConfigError(f"{key} keys must be module-name patterns (strings), got {pattern!r}.")
-        check_pattern("LoraConfig", f"{key} key", pattern)
+        check_pattern("LoraConfig", f"{key} key", pattern, r"(.*\.)?({})$")  # as pattern_value uses it
         if not valid(value):
             raise ConfigError(f"{key}[{pattern!r}] must be {wanted}, got {value!r}.")
 
