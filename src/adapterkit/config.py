@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - older Pythons
 
 # Bounds no real adapter reaches, so a damaged or hostile file is refused before anything is allocated.
 MAX_RANK = 16384
+MAX_ALPHA = 1e6  # |lora_alpha| and the like: scaling numerators (real ones are at most a few times the rank)
 MAX_PATTERN_CHARS = 10_000  # one regex or module name
 MAX_LIST_ITEMS = 200_000  # target names, token indices, pattern entries
 MAX_CONFIG_BYTES = 16 * 2**20  # an adapter_config.json
@@ -354,9 +355,18 @@ def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _max_depth(text: str) -> int:
-    """Bracket nesting depth outside strings (linear; run before json.loads so a deep file cannot recurse)."""
+    """Bracket nesting depth outside strings (linear; run before json.loads so a deep file cannot recurse).
+
+    Counted first over every bracket (fast); only when that exceeds the bound are strings left out, so brackets in
+    a regex string do not count. (A bound missed that way still ends in json.loads' RecursionError, caught.)
+    """
+    quick = _depth(text)
+    return quick if quick <= MAX_JSON_DEPTH else _depth(_STRING.sub("", text))
+
+
+def _depth(text: str) -> int:
     depth = best = 0
-    for match in _BRACKET.finditer(_STRING.sub("", text)):
+    for match in _BRACKET.finditer(text):
         depth += 1 if match.group() in "[{" else -1
         best = max(best, depth)
     return best

@@ -246,6 +246,8 @@ def test_vocab_record_growing_past_the_bound(saved):
     ({"lora_dropout": "x"}, ["lora_dropout must be a finite number", "'x'"]),
     ({"lora_alpha": float("nan")}, ["lora_alpha must be a finite number", "nan"]),
     ({"lora_alpha": float("inf")}, ["lora_alpha must be a finite number", "inf"]),
+    ({"lora_alpha": 1e308}, ["lora_alpha must be a number from -1e+06 to 1e+06", "1e+308"]),
+    ({"alpha_pattern": {"q_proj": -1e7}}, ["alpha_pattern['q_proj'] must be a number from", "-10000000"]),
     ({"use_rslora": "yes"}, ["use_rslora must be true or false", "'yes'"]),
     ({"trainable_token_indices": [True]}, ["trainable_token_indices must hold non-negative integer"]),
 ])
