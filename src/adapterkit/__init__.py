@@ -10,8 +10,15 @@ from . import vocab  # adapterkit.vocab.add_tokens / find_ties
 from .checkpoint import LoadReport, load, save
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
+from .export import ExportReport, export
 from .methods import METHODS, Method, register
+from .methods.ia3 import IA3Config
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
 from .methods.lora_config import LoraConfig
+from .methods.oft import OFTConfig
+from .methods.vera import VeraConfig
+from .routing import AdapterTable, drop_serving_table, routed, serving_table
 from .verbs import (
     active_adapters,
     adapters,
@@ -31,25 +38,36 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "AdapterConfig",
+    "AdapterTable",
     "AdapterError",
     "AdapterLoadError",
     "AdapterSaveError",
     "ConfigError",
+    "ExportReport",
+    "LoHaConfig",
+    "LoKrConfig",
+    "IA3Config",
     "LoadReport",
     "LoraConfig",
     "MergeError",
+    "OFTConfig",
     "Method",
     "TargetError",
+    "VeraConfig",
     "active_adapters",
     "adapters",
     "attach",
     "count_parameters",
     "delete",
     "disabled",
+    "drop_serving_table",
+    "export",
     "load",
     "merge",
     "register",
+    "routed",
     "save",
+    "serving_table",
     "set_active",
     "trainable_parameters",
     "unload",

@@ -6,6 +6,8 @@ import ctypes
 import math
 import os
 import shutil
+import socket
+import stat
 import sys
 import tempfile
 import uuid
@@ -18,38 +20,176 @@ import torch
 from ..config import parse_json
 from ..errors import AdapterLoadError, ConfigError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so a stale temp folder cannot be told from a running save and is kept
+    fcntl = None
+
+# Written into every temp folder of a save, and held under an exclusive flock while that save runs: a `.tmp-*`
+# folder whose marker is unlocked was left by a save that died, and the next save into the same target removes it.
+MARKER = ".adapterkit-save"
+_MARKER_HEADER = "adapterkit save in progress"
+_PROC_STATUS = "/proc/self/status"
+
 
 @contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `target`; on success it replaces `target` in one atomic exchange.
 
     A crash or kill at any point leaves either the previous `target` or the new one, complete (at worst a stray
-    `.tmp-*` folder beside it).
+    `.tmp-*` folder beside it, which the next save into `target` removes).
     Entries of an existing `target` that the new tree does not contain are carried over (hard links where possible),
     so saving an adapter into a folder that also holds, say, a tokenizer loses nothing.
+    What the caller wrote gets the modes a plain mkdir/open gives under the process umask (mkdtemp makes 0700 and
+    safetensors writes 0600, which would hide the adapter from other users); carried-over entries keep theirs.
     """
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    lock = None
     try:
+        lock = _write_marker(tmp)
         yield tmp
+        _ordinary_modes(tmp, current_umask())
         if target.is_dir():
             _carry_over(target, tmp)
         _fsync_tree(tmp)
         if target.exists() and _exchange(tmp, target):
-            shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous tree
+            # `tmp` now holds the previous tree: the marker goes with it, so that a kill during the removal below
+            # leaves a folder the next save recognises as stale.
+            _move_marker(target, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
         elif target.exists():
             # No atomic exchange here (not Linux, or a filesystem without it): two renames, with a moment in
             # which `target` is absent and the previous tree sits in `.<name>.old-*` beside it.
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)
             os.rename(tmp, target)
+            _move_marker(target, old)  # only now is the previous tree disposable
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)
+            _move_marker(target, None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)  # releases the flock
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else set and restored at once."""
+    try:
+        with open(_PROC_STATUS, encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # os.umask can only be read by setting it: the restrictive value covers files other threads create meanwhile.
+    old = os.umask(0o077)
+    os.umask(old)
+    return old
+
+
+def _ordinary_modes(root: Path, umask: int) -> None:
+    """Folders 0777 & ~umask; files get read/write for all (execute bits kept), minus the umask."""
+    os.chmod(root, 0o777 & ~umask)
+    for path in root.rglob("*"):
+        if path.name == MARKER or path.is_symlink():
+            continue
+        mode = 0o777 if path.is_dir() else stat.S_IMODE(path.stat().st_mode) | 0o666
+        os.chmod(path, mode & ~umask)
+
+
+def _write_marker(folder: Path) -> int | None:
+    """Create `folder/MARKER` already locked (written under another name, renamed once the flock is held).
+
+    Returns the open descriptor holding the lock; None where flock does not exist or the filesystem refuses it
+    (then the folder has no marker and is never taken for stale).
+    """
+    if fcntl is None:
+        return None
+    partial = folder / f"{MARKER}.partial"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # e.g. ENOLCK on a network filesystem without a lock service
+        os.close(fd)
+        os.unlink(partial)
+        return None
+    try:
+        os.write(fd, f"{_MARKER_HEADER}\npid {os.getpid()}\nhost {socket.gethostname()}\n".encode())
+        os.rename(partial, folder / MARKER)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _move_marker(src: Path, dest: Path | None) -> None:
+    """Move the marker out of the finished `src` into the folder about to be deleted (or drop it)."""
+    marker = src / MARKER
+    if not marker.exists():  # no flock here: none was written
+        return
+    try:
+        if dest is None:
+            os.unlink(marker)
+        else:
+            os.rename(marker, dest / MARKER)
+    except OSError:
+        try:
+            os.unlink(marker)
+        except OSError:
+            pass  # a leftover hidden file; the next save over `target` drops it
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Delete temp folders beside `target` left by saves that died; returns those removed.
+
+    A folder is removed only if its name is one this module gives (`.<name>.tmp-*` or `.<name>.old-*`), it holds a
+    marker file written by this module, and no process holds the marker's lock (a running save holds it until it
+    ends; the kernel releases it when a process dies, however it dies).
+    """
+    removed: list[Path] = []
+    if fcntl is None:
+        return removed
+    prefixes = (f".{target.name}.tmp-", f".{target.name}.old-")
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(prefixes) or entry.is_symlink() or not entry.is_dir():
+            continue
+        if _remove_if_unlocked(entry):
+            removed.append(entry)
+    return removed
+
+
+def _remove_if_unlocked(folder: Path) -> bool:
+    marker = folder / MARKER
+    try:
+        if not stat.S_ISREG(os.lstat(marker).st_mode):
+            return False
+        fd = os.open(marker, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False  # no marker: not made by this module (or by a save from before markers existed)
+    try:
+        if os.read(fd, len(_MARKER_HEADER)).decode(errors="replace") != _MARKER_HEADER:
+            return False
+        try:
+            # Shared is enough to see the saver's exclusive lock, and needs only read access (NFS emulates flock
+            # with byte-range locks, which refuse an exclusive lock on a read-only descriptor).
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return False  # held: a save is writing into this folder right now
+        shutil.rmtree(folder, ignore_errors=True)
+        return not folder.exists()
+    finally:
+        os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -73,6 +213,7 @@ def _carry_over(old: Path, new: Path) -> None:
         if entry.is_dir():
             new_dir = dest
             new_dir.mkdir()
+            os.chmod(new_dir, stat.S_IMODE(entry.stat().st_mode))  # a carried folder keeps its mode
             _carry_over(entry, new_dir)
         else:
             try:

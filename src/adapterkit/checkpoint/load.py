@@ -20,7 +20,7 @@ from .. import vocab
 from ..config import AdapterConfig
 from ..errors import AdapterLoadError, ConfigError
 from ..methods import config_from_file
-from ..state import adapter_state
+from ..state import adapter_state, unwrap
 from ..verbs import attach, delete, set_active
 from . import fingerprint as F
 from . import report as R
@@ -151,6 +151,7 @@ def load(
     Raises AdapterLoadError on any mismatch or damaged file, the model then exactly as it was (parameters, buffers,
     module tree, ties); returns a LoadReport otherwise.
     """
+    model = unwrap(model)  # DDP / torch.compile wrappers: load onto the user's model inside
     if check_base not in _CHECK_BASE:
         raise AdapterLoadError(f"check_base must be one of {_CHECK_BASE}, got {check_base!r}.")
     # 1. Everything the files alone can tell, before the model is touched.

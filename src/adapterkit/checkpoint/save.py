@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import vocab
 from ..errors import AdapterSaveError
-from ..state import require_state
+from ..state import require_state, unwrap
 from . import fingerprint
 from .format import ALIASES_METADATA_KEY, WEIGHTS_NAME, adapter_dir, adapter_tensors
 from .io import atomic_directory
@@ -35,6 +35,7 @@ def save(
     recorded as aliases in the header metadata and `load` restores the sharing. PEFT (0.21) needs every key and
     raises KeyError on such a file: `peft_compatible=True` writes the shared tensor under each key instead.
     """
+    model = unwrap(model)  # DDP / torch.compile wrappers: the adapters live on the user's model inside
     state = require_state(model)
     names = list(state.configs) if names is None else list(names)
     unknown = [n for n in names if n not in state.configs]

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import time
-from pathlib import Path
 
 from rich.console import Console
 
@@ -17,6 +15,26 @@ DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes; torch is i
 
 class CliError(Exception):
     """An error whose message is shown to the user as is."""
+
+
+def pyplot(what: str):
+    """matplotlib.pyplot on the file-only Agg backend, or None after a one-line note that `what` was skipped.
+
+    Plots are the one part of the command that works without matplotlib (a part of the `cli` extra).
+    """
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        if exc.name != "matplotlib":
+            raise
+        from .main import install_hint
+
+        console.print(f"{what} skipped: matplotlib is not installed ({install_hint('matplotlib')})", markup=False)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def torch_dtype(name: str):
@@ -50,6 +68,8 @@ def load_base(spec: str | None, dtype=None, *, quiet: bool = False):
 
     name = (spec or models.DEFAULT_MODEL).lower()
     converting = name in models.EMBEDDED_MODELS and not (models.cache_dir() / "models" / name / "config.json").is_file()
+    if converting or name.endswith(".gguf"):
+        _require_gguf()
     if converting and not quiet:
         console.print(f"converting the embedded {name} model to safetensors (first run only, ~30-60 s)...")
     start = time.perf_counter()
@@ -63,10 +83,15 @@ def load_base(spec: str | None, dtype=None, *, quiet: bool = False):
     return model, tokenizer, resolved
 
 
-def adapter_folder(path: str | os.PathLike) -> Path:
-    from ..checkpoint.load import locate
+def _require_gguf() -> None:
+    # transformers reads GGUF files only with the gguf package; without it, it raises a bare ImportError.
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        from .main import install_hint
 
-    return locate(path)
+        raise CliError(f"reading a GGUF model needs the gguf package, which is not installed: "
+                       f"{install_hint('gguf')}") from None
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:

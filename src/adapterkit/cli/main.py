@@ -1,7 +1,8 @@
-"""The `adapterkit` command: a typer app with one sub-command per file (train, generate, inspect, verify, merge).
+"""The `adapterkit` command: a typer app with one sub-command per file (train, generate, inspect, verify, merge, export).
 
 `main()` turns every expected failure (bad input, missing file, unknown model, adapter/base mismatch) into one
-`error: ...` line and a non-zero exit; `--debug` shows the traceback instead.
+`error: ...` line and a non-zero exit; `--debug` shows the traceback instead. A package of the `cli` extra that is
+not installed (typer itself included) is such a failure too: the line says what to `pip install`.
 """
 
 from __future__ import annotations
@@ -9,37 +10,63 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from functools import lru_cache
 
-import typer
+# Packages of the `cli` extra (and of `hf`, which it includes) by import name: a command that finds one missing says
+# which extra to install instead of printing an import error.
+EXTRA_OF = {
+    "typer": "cli", "click": "cli", "rich": "cli", "matplotlib": "cli", "gguf": "cli",
+    "transformers": "cli", "tokenizers": "cli",
+}
 
-app = typer.Typer(
-    name="adapterkit",
-    help="LoRA fine-tuning of transformers models, in the PEFT file format.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+
+def install_hint(module: str) -> str:
+    """`pip install ...` for the extra that provides `module` (an import name, possibly dotted)."""
+    return f"pip install 'adapterkit[{EXTRA_OF.get(module.split('.')[0], 'cli')}]'"
+
+
+def missing_extra(exc: BaseException) -> str | None:
+    """The top-level name of a missing module that an extra provides, else None."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] in EXTRA_OF:
+        return exc.name.split(".")[0]
+    return None
+
+
+@lru_cache(maxsize=None)
+def build_app():
+    """The typer app with its sub-commands; built on first use so that a missing typer is a message, not a crash."""
+    import typer
+
+    app = typer.Typer(
+        name="adapterkit",
+        help="LoRA fine-tuning of transformers models, in the PEFT file format.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+
+    @app.callback()
+    def _root(
+        debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks instead of one-line errors."),
+    ) -> None:
+        if debug:
+            DEBUG["on"] = True
+
+    from . import export, generate, inspect, merge, train, verify
+
+    for module in (train, generate, inspect, verify, merge, export):
+        module.register(app)
+    return app
+
+
+def __getattr__(name: str):
+    if name == "app":  # `adapterkit.cli.main.app`, as typer's test runner expects
+        return build_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Set by the --debug option (a global flag so that it is accepted before or after the sub-command).
 DEBUG = {"on": False}
-
-
-@app.callback()
-def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks instead of one-line errors."),
-) -> None:
-    if debug:
-        DEBUG["on"] = True
-
-
-def _register() -> None:
-    from . import generate, inspect, merge, train, verify
-
-    for module in (train, generate, inspect, verify, merge):
-        module.register(app)
-
-
-_register()
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -80,6 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     _quiet_libraries()
     try:
+        app = build_app()
+    except ModuleNotFoundError as exc:
+        module = missing_extra(exc)
+        if module is None or debug:
+            raise
+        print(f"error: the adapterkit command needs {module}, which is not installed: {install_hint(module)}",
+              file=sys.stderr)
+        return _exit(1, argv)
+    try:
         # standalone_mode=False: click returns the exit code of typer.Exit instead of calling sys.exit.
         result = app(args=args, prog_name="adapterkit", standalone_mode=False)
         code = result if isinstance(result, int) else 0
@@ -89,20 +125,24 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         code = 130
     except Exception as exc:  # noqa: BLE001 - the top level decides what a user sees
-        import click
-
+        exit_error, abort_error, click_error = _framework_exceptions()
         if type(exc).__name__ == "NoArgsIsHelpError":  # no sub-command: the help was printed, as click does
             code = 2
-        elif isinstance(exc, click.exceptions.Exit):
+        elif isinstance(exc, exit_error):
             code = exc.exit_code
-        elif isinstance(exc, click.ClickException):
+        elif isinstance(exc, click_error):
             exc.show()
             code = exc.exit_code
-        elif isinstance(exc, click.exceptions.Abort):
+        elif isinstance(exc, abort_error):
             print("error: aborted", file=sys.stderr)
             code = 1
         elif debug:
             raise
+        elif missing_extra(exc):
+            module = missing_extra(exc)
+            print(f"error: this command needs {module}, which is not installed: {install_hint(module)}",
+                  file=sys.stderr)
+            code = 1
         elif isinstance(exc, _expected_errors()):
             print(f"error: {_one_line(exc)}", file=sys.stderr)
             code = 1
@@ -110,6 +150,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
                   file=sys.stderr)
             code = 1
+    return _exit(code, argv)
+
+
+def _framework_exceptions() -> tuple[type[BaseException], ...]:
+    """typer's Exit and Abort and the usage-error base class, from click or from typer's own copy of it (typer 0.2x
+    vendors click, whose exceptions are then not click's; click itself may not even be installed)."""
+    import typer
+
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:
+        from click import ClickException
+    return typer.Exit, typer.Abort, ClickException
+
+
+def _exit(code: int, argv: list[str] | None) -> int:
     if argv is None:
         sys.exit(code)
     return code

@@ -11,8 +11,10 @@ Forward, with y = the base output without bias and l = s·B(A(x)):
 - linear, dropout on:   out = base(x) + (m/‖·‖ − 1) ⊙ (W·drop(x)) + m/‖·‖ ⊙ s·B(A(drop(x)))   (PEFT's formula)
 - embedding:            out = (base(ids) + l) ⊙ m/‖·‖
 
-The row norm is computed without forming M + s·B·A: ‖M_i‖² + 2s·(B ⊙ (M Aᵀ))_i·1 + s²·(B (A Aᵀ) ⊙ B)_i·1, so a step
-costs one (rows × cols × r) product and an r×r Gram matrix; ‖M_i‖² of the frozen base is computed once and cached.
+The row norm never forms M + s·B·A (kernels/dora.py `dora_weight_norm`): a step costs one (rows × cols × r) product
+and an r×r Gram matrix; ‖M_i‖² of the frozen base is computed once and cached. On a float nn.Linear / Conv1D with one
+DoRA adapter active, the forward is one autograd node (kernels/dora.py `dora_linear`) that keeps x, x·Aᵀ and the
+layer's output (which the next op usually keeps anyway) rather than an (N, out) pre-scale copy.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.dora import cached_weight_sq_norm, dora_weight_norm
+
 
 
 class Magnitude(nn.Module):
@@ -28,7 +32,7 @@ class Magnitude(nn.Module):
 
     def __init__(self, layer: nn.Module, name: str, record, init: bool, factory: dict) -> None:
         super().__init__()
-        self.__dict__.update(name=name, record=record, training=layer.training, _cache=None, _sq=None)
+        self.__dict__.update(name=name, record=record, training=layer.training, _cache=None)
         rows = layer.embedding_dim if _is_embedding(layer) else layer.out_features
         weight = torch.empty(rows, **factory)
         if init:
@@ -57,13 +61,14 @@ class Magnitude(nn.Module):
         cached = self._cache
         if cached is not None and cached[0] is a and cached[1] is b and cached[2] is weight and cached[3] == versions:
             return cached[4]
-        with torch.no_grad():
-            m = self._matrix(layer)
-            sq = self._sq
-            if sq is None or sq[0] is not weight or sq[1] != (weight._version, weight.data_ptr()):
-                sq = (weight, (weight._version, weight.data_ptr()), m.float().pow(2).sum(1))  # frozen: once
-                self.__dict__["_sq"] = sq
-            norm = row_norm(m, a.detach(), b.detach(), self.record.scaling, sq[2])
+        base = layer.base_layer
+        transposed = _is_embedding(layer) or layer.view.fan_in_fan_out  # M = stored weightᵀ
+        if layer.view.quantized(base):
+            stored = layer.view.float_weight(base)  # dequantized each time the factors change
+            norm = dora_weight_norm(stored, a, b, self.record.scaling, transposed)
+        else:
+            sq = cached_weight_sq_norm(weight, transposed)  # ‖M_i‖² of the frozen base: once
+            norm = dora_weight_norm(weight, a, b, self.record.scaling, transposed, sq)
         self.__dict__["_cache"] = (a, b, weight, versions, norm)
         return norm
 
@@ -96,21 +101,6 @@ class Magnitude(nn.Module):
         if _is_embedding(layer) or layer.view.fan_in_fan_out:
             return (weight + delta.T) * factor[None, :]  # stored (cols, rows): factor scales columns
         return (weight + delta) * factor[:, None]
-
-
-def row_norm(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, m_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """‖M + s·B·A‖₂ per row in float32 without forming the (rows, cols) sum. M (rows, cols), A (r, cols), B (rows, r).
-
-    m_sq: ‖M_i‖² when the caller has it (a frozen base's is constant). M·Aᵀ runs in M's dtype (accumulated in float32
-    by the GEMM), so a bf16 base costs no float32 copy of M.
-    """
-    if m_sq is None:
-        m_sq = m.float().pow(2).sum(1)
-    b32 = b.float()
-    ma = torch.mm(m, a.to(m.dtype).T).float()  # (rows, r)
-    gram = a.float() @ a.float().T  # (r, r)
-    sq = m_sq + 2 * s * (b32 * ma).sum(1) + (s * s) * ((b32 @ gram) * b32).sum(1)
-    return sq.clamp_min(0).sqrt()
 
 
 def _is_embedding(layer: nn.Module) -> bool:

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import lora_linear
+from ..kernels.dora import dora_linear
+from ..kernels.gathered_lora import gathered_embedding, gathered_lora
 from . import dora
 from .base import AdapterWrapper, AttachContext
 from .lora_config import LoraConfig
@@ -97,7 +99,10 @@ class LoraLinear(AdapterWrapper):
             # Hot path: ((A module, B module, magnitude holder or None, dropout p, scaling), ...) for the live adapters,
             # and whether the fused single-adapter kernel applies.
             _active_lora=(),
-            _fused=False,
+            _fused=None,
+            # Per-row routing (routing.py sets and clears it): (A table (slots, R, in), B table (slots, out, R),
+            # slot per batch row (rows,)), or None.
+            _routed=None,
         )
         self.lora_A = self._container(nn.ModuleDict)
         self.lora_B = self._container(nn.ModuleDict)
@@ -131,16 +136,31 @@ class LoraLinear(AdapterWrapper):
             for n in self._live()
         )
         base = self._modules["base_layer"]
-        # One unmerged plain-LoRA adapter on a float nn.Linear: the fused kernel (one autograd node, only x saved).
-        fused = len(active) == 1 and active[0][2] is None and type(base) is nn.Linear
+        # One unmerged adapter on a float layer: one autograd node. Plain LoRA on nn.Linear: the fused kernel (only x
+        # saved); DoRA on nn.Linear / Conv1D: the DoRA node. Anything else (quantized base, several adapters) loops.
+        fused = None
+        if len(active) == 1 and not self.view.quantized(base):
+            if active[0][2] is None and type(base) is nn.Linear:
+                fused = "lora"
+            elif active[0][2] is not None:
+                fused = "dora"
         self._set_plain(_active_lora=active, _fused=fused)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        routed = self._routed
+        if routed is not None:
+            return gathered_lora(x, routed[0], routed[1], routed[2], self.base_layer(x, *args, **kwargs))
         active = self._active_lora
         base = self.base_layer
-        if self._fused and not args and not kwargs:
+        fused = self._fused
+        if fused == "lora" and not args and not kwargs:
             lora_a, lora_b, _, p, scaling = active[0]
             return lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, scaling, p, self.training)
+        if fused == "dora" and not args and not kwargs:
+            lora_a, lora_b, magnitude, p, scaling = active[0]
+            return dora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, magnitude.weight, scaling, p,
+                               self.training, fan_in_fan_out=self.fan_in_fan_out, norm=magnitude.norm(self),
+                               recompute=True, from_output=True)
         out = base(x, *args, **kwargs)
         for lora_a, lora_b, magnitude, p, scaling in active:
             h = x.to(lora_a.weight.dtype)  # (..., in)
@@ -184,11 +204,9 @@ class LoraLinear(AdapterWrapper):
             weight.addmm_(b, a, alpha=s)
 
     def max_delta_bound(self, name: str) -> float:
-        bound = product_bound(self.lora_A[name].weight, self.lora_B[name].weight, self.records[name].scaling)
-        magnitude = self._modules["lora_magnitude_vector"]._modules.get(name)
-        if magnitude is not None and not torch.isfinite(magnitude.weight).all():
-            return float("inf")
-        return float("inf") if magnitude is not None and bound == bound else bound  # DoRA: checked exactly
+        if name in self._modules["lora_magnitude_vector"]._modules:
+            return float("inf")  # DoRA rescales whole rows: no cheap bound, the merge check computes the delta
+        return product_bound(self.lora_A[name].weight, self.lora_B[name].weight, self.records[name].scaling)
 
     def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """PEFT's per-module tensor names (after `base_model.model.<path>.`) for this adapter."""
@@ -216,7 +234,8 @@ class LoraEmbedding(AdapterWrapper):
         self.lora_embedding_A = self._container(nn.ParameterDict)
         self.lora_embedding_B = self._container(nn.ParameterDict)
         self.lora_magnitude_vector = self._container(nn.ModuleDict)
-        self._set_plain(_active_lora=())
+        # Per-row routing (routing.py): (Aᵀ table (slots, num_embeddings, R), B table (slots, dim, R), slot per row).
+        self._set_plain(_active_lora=(), _routed=None)
 
     def add_adapter(self, name: str, cfg: LoraConfig, path: str, ctx: AttachContext | None = None) -> None:
         r = cfg.rank_for(path)
@@ -251,6 +270,9 @@ class LoraEmbedding(AdapterWrapper):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(ids)
+        routed = self._routed
+        if routed is not None:
+            return gathered_embedding(ids, routed[0], routed[1], routed[2], out)
         for name, magnitude, scaling in self._active_lora:
             a, b = self.factors(name)
             if magnitude is not None:
