@@ -1,8 +1,12 @@
 """Fuzzing `load` with damaged copies of valid adapters: every case is a clean adapterkit error with the model exactly
 as it was, or a load whose outputs are finite. Never a raw exception, a hang, or a changed model after an error.
 
-Seeded (FUZZ_SEED, FUZZ_CASES environment variables override). Last full run (seed 20261201, 1,200 cases, 2 cores):
-  COUNTS_PLACEHOLDER
+Seeded (FUZZ_SEED, FUZZ_CASES environment variables override). Last full run (seed 20261201, 2,000 cases, 2 cores;
+18 s of CPU, 58 s wall on a machine at load 8):
+  cases 2000, clean errors 1429, loads 571, bad 0
+  by mutation (loads/errors): bytes 121/345, config 109/354, header 51/365, layout 67/123, metadata 223/242
+The same cases against the loader before these checks: 17 bad in the first 300 (raw TypeError / binascii.Error /
+RecursionError, non-finite logits, embeddings changed after an error).
 """
 
 from __future__ import annotations
