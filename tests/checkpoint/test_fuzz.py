@@ -19,7 +19,6 @@ import shutil
 import signal
 from pathlib import Path
 
-import pytest
 import torch
 
 import adapterkit as ak

@@ -1,4 +1,5 @@
-"""Comparing a recorded fingerprint with a model: per-module verdicts and the overall one.
+"""Comparing a recorded fingerprint with a model: per-module verdicts and the overall one; and the layout a recorded
+fingerprint must have before it is compared (`layout_problem`: a damaged one is an error, never skipped).
 
 Per module (thresholds tested in tests/checkpoint/test_fingerprint.py):
 - "identical": relative L2 difference of the samples <= `IDENTICAL_REL` (1%; a bf16 cast is ~0.3%);

@@ -21,7 +21,7 @@ from ..config import AdapterConfig
 from ..errors import AdapterLoadError, ConfigError
 from ..methods import config_from_file
 from ..state import adapter_state, unwrap
-from ..verbs import attach, delete, set_active
+from ..verbs import attach, set_active
 from . import fingerprint as F
 from . import report as R
 from .format import (
