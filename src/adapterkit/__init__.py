@@ -6,7 +6,7 @@
     report = ak.load(other_model, "out/")
 """
 
-from . import vocab  # adapterkit.vocab.add_tokens / find_ties
+from . import integrations, vocab  # vocab: add_tokens / find_ties; integrations: save_pretrained on adapted models
 from .checkpoint import LoadReport, load, save
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError

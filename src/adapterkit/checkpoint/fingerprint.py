@@ -45,6 +45,7 @@ import json
 
 from torch import nn
 
+from ..distributed import model_class
 from ..state import adapter_state
 from .base_check import (
     DIFFERENT_MODEL,
@@ -84,7 +85,7 @@ __all__ = [
 def compute(model: nn.Module, modules: list[str] | None = None) -> dict:
     """The fingerprint of `model`'s base. `modules`: plain paths to sign (default: every module an adapter wraps)."""
     if modules is None:
-        state = adapteradapter_state(model)
+        state = adapter_state(model)
         modules = sorted(state.wrappers) if state is not None else []
     config = getattr(model, "config", None)
     revision = getattr(config, "_commit_hash", None) if config is not None else None
@@ -100,7 +101,7 @@ def compute(model: nn.Module, modules: list[str] | None = None) -> dict:
     signed.update(zip(to_sign, signatures(list(to_sign.values()))))
     return {
         "version": VERSION,
-        "class": type(model).__name__,
+        "class": model_class(model).__name__,
         "config": structural_config(model),
         "name_or_path": (getattr(config, "_name_or_path", None) or None) if config is not None else None,
         "revision": revision,
