@@ -21,6 +21,8 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 DEFAULT_ADAPTER = "default"
 # Header metadata entry {alias file key: saved file key} for tensors shared by tied modules and written once.
+# The alias key itself holds an empty tensor (`alias_marker`): a reader unaware of the alias meets a size mismatch
+# (PEFT, transformers: "size mismatch for ...lm_head...") instead of silently keeping an untrained copy.
 ALIASES_METADATA_KEY = "adapterkit.aliases"
 
 
@@ -44,14 +46,20 @@ def adapter_tensors(state: AdapterState, name: str) -> dict[str, nn.Parameter]:
     return out
 
 
+def alias_marker(dtype: torch.dtype) -> torch.Tensor:
+    """What an alias key holds in the file: no values, a shape no module has."""
+    return torch.empty(0, dtype=dtype)
+
+
 def expand_aliases(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
-    """The file's tensors plus, for each recorded alias, the shared tensor under the alias key too."""
+    """The file's tensors with, for each recorded alias, the shared tensor under the alias key (in place of its
+    empty marker, or added where an older file left the key out)."""
     text = metadata.get(ALIASES_METADATA_KEY)
     if not text:
         return tensors
     out = dict(tensors)
     for alias, source in json.loads(text).items():
-        if source in tensors and alias not in tensors:
+        if source in tensors and (alias not in tensors or tensors[alias].numel() == 0):
             out[alias] = tensors[source]
     return out
 

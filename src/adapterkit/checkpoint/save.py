@@ -15,7 +15,7 @@ from .. import distributed, vocab
 from ..errors import AdapterSaveError
 from ..state import require_state, unwrap
 from . import fingerprint
-from .format import ALIASES_METADATA_KEY, WEIGHTS_NAME, adapter_dir, adapter_tensors
+from .format import ALIASES_METADATA_KEY, WEIGHTS_NAME, adapter_dir, adapter_tensors, alias_marker
 from .io import atomic_directory
 from .serialize import to_bytes
 
@@ -33,9 +33,10 @@ def save(
 
     Files already in `directory` that the save does not rewrite (a tokenizer, trainer state) are kept.
     `tokenizer`: saved beside the adapter (top level), e.g. after `vocab.add_tokens` changed its vocabulary.
-    A tensor shared by several adapter modules (tied modules_to_save copies) is written once; the other keys are
-    recorded as aliases in the header metadata and `load` restores the sharing. PEFT (0.21) needs every key and
-    raises KeyError on such a file: `peft_compatible=True` writes the shared tensor under each key instead.
+    A tensor shared by several adapter modules (tied modules_to_save copies) is written once; each other key holds
+    an empty marker tensor and is recorded as an alias in the header metadata, and `load` restores the sharing.
+    Readers that do not know the alias (PEFT, transformers' load_adapter) fail on the marker's shape instead of
+    loading the model wrongly; `peft_compatible=True` writes the shared tensor under each key for them.
 
     Distributed: when any adapter tensor or signed base weight is sharded (FSDP2 DTensor), every rank must call
     `save` (the shards are gathered collectively); rank 0 writes and the others wait until the files exist. Otherwise
@@ -59,6 +60,7 @@ def save(
             sharded = sharded or distributed.is_sharded(tensor)
             if id(tensor) in first_key and not peft_compatible:
                 aliases[key] = first_key[id(tensor)]
+                tensors[key] = alias_marker(tensor.dtype)
                 continue
             first_key[id(tensor)] = key
             value = _whole(tensor, name, key)
