@@ -11,7 +11,9 @@ from .checkpoint import LoadReport, load, save
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
 from .methods import METHODS, Method, register
+from .integrations.hf_load import from_pretrained
 from .methods.lora_config import LoraConfig
+from .summary import parameter_summary, print_trainable_parameters
 from .verbs import (
     active_adapters,
     adapters,
@@ -46,8 +48,11 @@ __all__ = [
     "count_parameters",
     "delete",
     "disabled",
+    "from_pretrained",
     "load",
     "merge",
+    "parameter_summary",
+    "print_trainable_parameters",
     "register",
     "save",
     "set_active",
