@@ -249,3 +249,19 @@ def test_fsdp2_load_gives_single_process_logits(tmp_path):
     for rank, got in enumerate(launch.run(fsdp_load, str(tmp_path / "adapter"), world_size=WORLD)):
         diff = (got - want).abs().max().item()
         assert diff <= 1e-5, f"FSDP2 rank {rank}: logits differ from the single-process load by {diff:.3g}"
+
+
+def fsdp_assign(rank: int, world_size: int) -> bool:
+    from adapterkit.distributed import assign
+
+    model = shard(tiny_llama(layers=1))
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    value = torch.randn(weight.shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assign(weight, value)
+    local = weight.to_local().shape[0]
+    return bool(torch.equal(weight.full_tensor(), value)) and local < value.shape[0]
+
+
+def test_assign_fills_every_shard_of_a_sharded_parameter():
+    assert launch.run(fsdp_assign, world_size=WORLD) == [True, True]
