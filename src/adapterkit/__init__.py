@@ -10,9 +10,16 @@ from . import integrations, vocab  # vocab: add_tokens / find_ties; integrations
 from .checkpoint import LoadReport, load, save
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
+from .export import ExportReport, export
 from .methods import METHODS, Method, register
 from .integrations.hf_load import from_pretrained
+from .methods.ia3 import IA3Config
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
 from .methods.lora_config import LoraConfig
+from .methods.oft import OFTConfig
+from .methods.vera import VeraConfig
+from .routing import AdapterTable, drop_serving_table, routed, serving_table
 from .summary import parameter_summary, print_trainable_parameters
 from .verbs import (
     active_adapters,
@@ -33,28 +40,39 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "AdapterConfig",
+    "AdapterTable",
     "AdapterError",
     "AdapterLoadError",
     "AdapterSaveError",
     "ConfigError",
+    "ExportReport",
+    "LoHaConfig",
+    "LoKrConfig",
+    "IA3Config",
     "LoadReport",
     "LoraConfig",
     "MergeError",
+    "OFTConfig",
     "Method",
     "TargetError",
+    "VeraConfig",
     "active_adapters",
     "adapters",
     "attach",
     "count_parameters",
     "delete",
     "disabled",
+    "drop_serving_table",
+    "export",
     "from_pretrained",
     "load",
     "merge",
     "parameter_summary",
     "print_trainable_parameters",
     "register",
+    "routed",
     "save",
+    "serving_table",
     "set_active",
     "trainable_parameters",
     "unload",

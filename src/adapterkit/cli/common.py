@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import time
-from pathlib import Path
 
 from rich.console import Console
 
@@ -94,12 +92,6 @@ def _require_gguf() -> None:
 
         raise CliError(f"reading a GGUF model needs the gguf package, which is not installed: "
                        f"{install_hint('gguf')}") from None
-
-
-def adapter_folder(path: str | os.PathLike) -> Path:
-    from ..checkpoint.load import locate
-
-    return locate(path)
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:

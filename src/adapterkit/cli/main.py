@@ -1,4 +1,4 @@
-"""The `adapterkit` command: a typer app with one sub-command per file (train, generate, inspect, verify, merge).
+"""The `adapterkit` command: a typer app with one sub-command per file (train, generate, inspect, verify, merge, export).
 
 `main()` turns every expected failure (bad input, missing file, unknown model, adapter/base mismatch) into one
 `error: ...` line and a non-zero exit; `--debug` shows the traceback instead. A package of the `cli` extra that is
@@ -52,9 +52,9 @@ def build_app():
         if debug:
             DEBUG["on"] = True
 
-    from . import generate, inspect, merge, train, verify
+    from . import export, generate, inspect, merge, train, verify
 
-    for module in (train, generate, inspect, verify, merge):
+    for module in (train, generate, inspect, verify, merge, export):
         module.register(app)
     return app
 

@@ -1,8 +1,9 @@
-"""`adapterkit train`: fine-tune a LoRA adapter on a JSONL/text file and write it with a JSON log and a loss plot
-(the plot where matplotlib is installed)."""
+"""`adapterkit train`: fine-tune an adapter (LoRA, DoRA, LoHa, LoKr, IA3, VeRA, OFT: any method of the table) on a
+JSONL/text file and write it with a JSON log and a loss plot (the plot where matplotlib is installed)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -28,13 +29,14 @@ def train_command(
                                         "or cached hub id (default: the embedded SmolLM2-135M-Instruct)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="JSONL (chat / prompt-completion / text records) "
                                         "or .txt file (default: the shipped Zephyrine Q7 dataset)."),
-    method: str = typer.Option("lora", "--method", help="Adapter method (only 'lora' so far)."),
-    r: int = typer.Option(16, "--r", "--lora-r", help="LoRA rank (--lora-r under torchrun, whose own parser "
-                          "takes --r for an abbreviation of its options)."),
-    alpha: float = typer.Option(32, "--alpha", help="LoRA alpha (scale = alpha / r)."),
+    method: str = typer.Option("lora", "--method", help="Adapter method: lora, dora, loha, lokr, ia3, vera, oft (any "
+                               "method adapterkit implements)."),
+    r: int = typer.Option(16, "--r", "--lora-r", help="Rank (LoRA, DoRA, LoHa, LoKr, VeRA) or block size (OFT); IA3 "
+                          "has none. Spell it --lora-r under torchrun, whose parser takes --r for an abbreviation."),
+    alpha: float = typer.Option(32, "--alpha", help="Alpha (scale = alpha / r)."),
     targets: Optional[list[str]] = typer.Option(None, "--targets", help="Modules to adapt: names or suffixes "
                                                 "(repeat or comma-separate), or 'all-linear' (default)."),
-    dropout: float = typer.Option(0.0, "--dropout", help="LoRA dropout."),
+    dropout: float = typer.Option(0.0, "--dropout", help="Dropout: LoRA's input dropout, LoHa/LoKr's rank dropout."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Adapt only these layer indices, e.g. '15-29' or "
                                          "'0,4,8' (upper layers only also skip the lower layers' backward pass)."),
     max_steps: int = typer.Option(100, "--max-steps", help="Optimizer steps."),
@@ -52,7 +54,7 @@ def train_command(
     fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard the model with FSDP2 (fully_shard) "
                               "instead of replicating it with DDP."),
 ) -> None:
-    """Fine-tune a LoRA adapter; writes the adapter, training.json and loss.png to --out. Ctrl-C saves the last step.
+    """Fine-tune an adapter; writes the adapter, training.json and loss.png to --out. Ctrl-C saves the last step.
 
     Under `torchrun --nproc_per_node N` the model is replicated with DDP (or sharded with --fsdp) over N processes
     (gloo on CPU, NCCL on GPUs); each rank trains on its rows of every global batch of --batch-size examples, and
@@ -60,8 +62,8 @@ def train_command(
     """
     import torch
 
-    if method.lower() != "lora":
-        raise CliError(f"unknown --method {method!r}; adapterkit implements 'lora' so far")
+    if add_tokens and method.lower() not in ("lora", "dora"):
+        raise CliError("--add-tokens trains the new embedding rows with LoRA's trainable tokens; use --method lora")
     for name, value in (("--max-steps", max_steps), ("--batch-size", batch_size), ("--grad-accum", grad_accum),
                         ("--r", r), ("--max-length", max_length)):
         if value < 1:
@@ -69,6 +71,7 @@ def train_command(
     if threads:
         torch.set_num_threads(threads)
 
+    config_for_method(method, r=r, alpha=alpha, dropout=dropout, targets=["probe"])  # refuse bad options early
     group = dist_setup.start()  # None outside torchrun
     if fsdp and group is None:
         raise CliError("--fsdp shards the model over torchrun processes; run under torchrun --nproc_per_node N")
@@ -104,10 +107,9 @@ def _train(out, model, data, r, alpha, targets, dropout, layers, max_steps, max_
     seed_everything(seed)
     target_list = _split(targets) or [DEFAULT_TARGETS]
     target_spec = _linear_leaf_names(base) if target_list == [DEFAULT_TARGETS] else target_list
-    cfg = ak.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_spec,
-                        layers_to_transform=_layer_list(layers), task_type="CAUSAL_LM",
-                        # Only the new rows of the embedding (and a tied head) are trained and saved.
-                        trainable_token_indices=new_ids)
+    extra = {"trainable_token_indices": new_ids} if new_ids else {}  # only the new rows (and a tied head) train
+    cfg = config_for_method(method, r=r, alpha=alpha, dropout=dropout, targets=target_spec,
+                            layers_to_transform=_layer_list(layers), task_type="CAUSAL_LM", **extra)
     ak.attach(base, cfg)
     trainable, total = ak.count_parameters(base)
     resolved_targets = ak.adapters(base)["default"].target_modules
@@ -117,7 +119,7 @@ def _train(out, model, data, r, alpha, targets, dropout, layers, max_steps, max_
         raise CliError(f"{data_path}: no record has a trainable token within --max-length {max_length}")
     train_set, eval_set = D.split_train_eval(examples, eval_fraction, seed=seed)
     console.print(f"data   {data_path} ({len(records)} records: {len(train_set)} train, {len(eval_set)} held out)")
-    console.print(f"lora   r={r} alpha={alpha:g} on {_describe(resolved_targets)}: {trainable:,} trainable of "
+    console.print(f"{method.lower():<6} {_knobs_text(cfg)} on {_describe(resolved_targets)}: {trainable:,} trainable of "
                   f"{total:,} parameters ({100 * trainable / total:.2f}%)")
 
     tcfg = TrainConfig(max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
@@ -136,7 +138,7 @@ def _train(out, model, data, r, alpha, targets, dropout, layers, max_steps, max_
     log = {
         "model": resolved.name_or_path,
         "data": str(data_path),
-        "config": {"method": "lora", "r": r, "alpha": alpha, "dropout": dropout, "targets": resolved_targets,
+        "config": {"method": method.lower(), "r": r, "alpha": alpha, "dropout": dropout, "targets": resolved_targets,
                    "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
                    "max_length": max_length, "eval_fraction": eval_fraction, "seed": seed,
                    "layers": _layer_list(layers), "max_time": max_time,
@@ -163,6 +165,74 @@ def _train(out, model, data, r, alpha, targets, dropout, layers, max_steps, max_
     written = ", ".join([f"adapter_model.safetensors {human_size(size)}", *(["loss.png"] if plotted else []),
                          "training.json"])
     console.print(f"saved  {saved}/ ({written})")
+
+
+# The CLI's method-independent knobs, and the config field each method calls them (first one the config has).
+_KNOB_FIELDS = {
+    "r": ("r",),
+    "alpha": ("lora_alpha", "alpha"),
+    "dropout": ("lora_dropout", "rank_dropout", "vera_dropout", "oft_dropout", "module_dropout"),
+}
+# Names that are not a peft_type: the method table entry and fixed fields they mean.
+_ALIASES = {"dora": ("LORA", {"use_dora": True})}
+
+
+def _ia3_config(*, r, alpha, dropout, targets, layers_to_transform=None, **fields):
+    from ..methods.ia3 import IA3Config
+
+    if layers_to_transform:
+        raise CliError("--layers is not an IA3 option; pass the wanted modules with --targets")
+    return IA3Config(target_modules=targets, **fields)
+
+
+def _oft_config(*, r, alpha, dropout, targets, **fields):
+    from ..methods.oft import OFTConfig
+
+    # --r is the block size (PEFT's recommended knob); the number of blocks follows from each layer's width.
+    return OFTConfig(r=0, oft_block_size=r, target_modules=targets, **fields)
+
+
+# Methods whose knobs do not map one to one onto --r / --alpha / --dropout.
+_SPECIAL = {"ia3": _ia3_config, "oft": _oft_config}
+
+
+def _knobs_text(cfg) -> str:
+    """The method's size knobs for the console line (r, alpha, block size), whichever it has."""
+    parts = [f"{name}={getattr(cfg, name):g}" for name in ("r", "lora_alpha", "alpha", "oft_block_size")
+             if isinstance(getattr(cfg, name, None), (int, float)) and getattr(cfg, name)]
+    return " ".join(parts) or "vectors"
+
+
+def config_for_method(method: str, *, r: int, alpha: float, dropout: float, targets, **fields):
+    """The config for `--method` from the method table, with the generic knobs put in that method's fields.
+
+    `fields`: more config fields by their own names (layers_to_transform, task_type, ...). A knob the method does
+    not have is refused unless it is left at its default (alpha for a method without one, say).
+    """
+    from ..errors import ConfigError
+    from ..methods import METHODS
+
+    special = _SPECIAL.get(method.lower())
+    if special is not None:
+        return special(r=r, alpha=alpha, dropout=dropout, targets=targets, **fields)
+    peft_type, fixed = _ALIASES.get(method.lower(), (method.upper(), {}))
+    entry = METHODS.get(peft_type)
+    if entry is None:
+        names = sorted({n.lower() for n in METHODS} | set(_ALIASES))
+        raise CliError(f"unknown --method {method!r}; adapterkit implements: {', '.join(names)}")
+    known = {f.name for f in dataclasses.fields(entry.config)}
+    kwargs = {"target_modules": targets, **fixed, **fields}
+    defaults = {"r": 16, "alpha": 32, "dropout": 0.0}
+    for knob, value in (("r", r), ("alpha", alpha), ("dropout", dropout)):
+        name = next((n for n in _KNOB_FIELDS[knob] if n in known), None)
+        if name is not None:
+            kwargs[name] = value
+        elif value != defaults[knob]:
+            raise CliError(f"--{knob} does not apply to --method {method}: {entry.config.__name__} has no such field")
+    try:
+        return entry.config(**kwargs)
+    except (ConfigError, TypeError) as exc:
+        raise CliError(f"--method {method}: {exc}") from exc
 
 
 def _split(values: Optional[list[str]]) -> list[str]:

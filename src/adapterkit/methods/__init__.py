@@ -18,8 +18,14 @@ from typing import Any, Callable
 from ..config import AdapterConfig, read_json
 from ..errors import ConfigError
 from .base import AdapterWrapper
+from .ia3 import IA3Config, IA3Conv2d, IA3Linear
 from .lora import LoraEmbedding, LoraLinear
+from . import loha, lokr
+from .loha import LoHaConfig, LoHaLayer
+from .lokr import LoKrConfig, LoKrLayer
 from .lora_config import LoraConfig
+from .oft import OFTConfig, OFTConv2d, OFTEmbedding, OFTLinear
+from .vera import VeraConfig, VeraLinear
 
 
 @dataclass(frozen=True)
@@ -91,3 +97,8 @@ def config_from_file(path: str | Path) -> AdapterConfig:
 
 # -- the table -----------------------------------------------------------------------------------------------------
 register(Method("LORA", LoraConfig, {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding}))
+register(Method("LOHA", LoHaConfig, {"linear": LoHaLayer, "conv2d": LoHaLayer}, summary=loha.summary))
+register(Method("LOKR", LoKrConfig, {"linear": LoKrLayer, "conv2d": LoKrLayer}, summary=lokr.summary))
+register(Method("IA3", IA3Config, {"linear": IA3Linear, "conv1d": IA3Linear, "conv2d": IA3Conv2d}))
+register(Method("VERA", VeraConfig, {"linear": VeraLinear, "conv1d": VeraLinear}))
+register(Method("OFT", OFTConfig, {"linear": OFTLinear, "conv2d": OFTConv2d, "embedding": OFTEmbedding}))
