@@ -79,14 +79,14 @@ def train_command(
         raise CliError(f"--batch-size {batch_size} must be divisible by the {group.world} torchrun processes "
                        "(it is the global batch, split between them)")
     try:
-        _train(out, model, data, r, alpha, targets, dropout, layers, max_steps, max_time, lr, batch_size, grad_accum,
-               max_length, eval_fraction, seed, add_tokens, fsdp, group)
+        _train(out, model, data, method, r, alpha, targets, dropout, layers, max_steps, max_time, lr, batch_size,
+               grad_accum, max_length, eval_fraction, seed, add_tokens, fsdp, group)
     finally:
         dist_setup.finish(group)
 
 
-def _train(out, model, data, r, alpha, targets, dropout, layers, max_steps, max_time, lr, batch_size, grad_accum,
-           max_length, eval_fraction, seed, add_tokens, fsdp, group) -> None:
+def _train(out, model, data, method, r, alpha, targets, dropout, layers, max_steps, max_time, lr, batch_size,
+           grad_accum, max_length, eval_fraction, seed, add_tokens, fsdp, group) -> None:
     import adapterkit as ak
 
     from .. import training_data as D
