@@ -130,11 +130,12 @@ def fsdp_save(rank: int, world_size: int, out: str) -> dict[str, torch.Tensor]:
     return adapter_weights(model)
 
 
-def fsdp_load(rank: int, world_size: int, adapter: str) -> torch.Tensor:
+def fsdp_load(rank: int, world_size: int, adapter: str) -> tuple[torch.Tensor, bool]:
     model = shard(tiny_llama(layers=1))
     ak.load(model, adapter)
     with torch.no_grad():
-        return model(input_ids=global_batches()[0]).logits
+        logits = model(input_ids=global_batches()[0]).logits
+    return logits, assign_shards(rank, world_size)  # in the same processes: spawning costs more than the check
 
 
 def save_with_weights(weights: dict[str, torch.Tensor], out: Path) -> None:
@@ -246,22 +247,19 @@ def test_fsdp2_load_gives_single_process_logits(tmp_path):
     ak.load(model, tmp_path / "adapter")
     with torch.no_grad():
         want = model(input_ids=global_batches()[0]).logits
-    for rank, got in enumerate(launch.run(fsdp_load, str(tmp_path / "adapter"), world_size=WORLD)):
+    for rank, (got, filled) in enumerate(launch.run(fsdp_load, str(tmp_path / "adapter"), world_size=WORLD)):
+        assert filled, f"rank {rank}: assigning a whole tensor to a sharded parameter left a shard unfilled"
         diff = (got - want).abs().max().item()
         assert diff <= 1e-5, f"FSDP2 rank {rank}: logits differ from the single-process load by {diff:.3g}"
 
 
-def fsdp_assign(rank: int, world_size: int) -> bool:
+
+def assign_shards(rank: int, world_size: int) -> bool:
+    """distributed.assign of a whole tensor into a sharded parameter: every rank's shard filled."""
     from adapterkit.distributed import assign
 
-    model = shard(tiny_llama(layers=1))
-    weight = model.model.layers[0].self_attn.q_proj.weight
+    weight = shard(tiny_llama(layers=1)).model.layers[0].self_attn.q_proj.weight
     value = torch.randn(weight.shape, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assign(weight, value)
-    local = weight.to_local().shape[0]
-    return bool(torch.equal(weight.full_tensor(), value)) and local < value.shape[0]
-
-
-def test_assign_fills_every_shard_of_a_sharded_parameter():
-    assert launch.run(fsdp_assign, world_size=WORLD) == [True, True]
+    return bool(torch.equal(weight.full_tensor(), value)) and weight.to_local().shape[0] < value.shape[0]
