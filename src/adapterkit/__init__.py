@@ -6,7 +6,7 @@
     report = ak.load(other_model, "out/")
 """
 
-from . import vocab  # adapterkit.vocab.add_tokens / find_ties
+from . import integrations, vocab  # vocab: add_tokens / find_ties; integrations: save_pretrained on adapted models
 from .checkpoint import LoadReport, load, save
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
@@ -15,6 +15,7 @@ from .kbit_training import prepare_for_kbit_training
 from .losses import causal_lm_loss, chunked_loss
 from .memory import checkpoint_layers, checkpointed, decoder_layers, uncheckpoint_layers
 from .methods import METHODS, Method, register
+from .integrations.hf_load import from_pretrained
 from .methods.ia3 import IA3Config
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
@@ -23,6 +24,7 @@ from .methods.oft import OFTConfig
 from .methods.vera import VeraConfig
 from .quantized import dequantize_model, quantize_model
 from .routing import AdapterTable, drop_serving_table, routed, serving_table
+from .summary import parameter_summary, print_trainable_parameters
 from .verbs import (
     MergeReport,
     active_adapters,
@@ -74,9 +76,12 @@ __all__ = [
     "disabled",
     "drop_serving_table",
     "export",
+    "from_pretrained",
     "load",
     "merge",
+    "parameter_summary",
     "prepare_for_kbit_training",
+    "print_trainable_parameters",
     "quantize_model",
     "register",
     "routed",

@@ -307,6 +307,15 @@ class AdapterConfig:
     def from_file(cls, path: str | os.PathLike) -> "AdapterConfig":
         return cls.from_dict(read_json(path))
 
+    def with_auto_mapping(self, model_class: type) -> "AdapterConfig":
+        """A copy carrying PEFT's `auto_mapping` (the base model's class and module), which PEFT's AutoPeftModel
+        classes need to rebuild the base when `task_type` is unset. A mapping the config already has is kept."""
+        new = self.replace()
+        new.passthrough.setdefault(
+            "auto_mapping", {"base_model_class": model_class.__name__, "parent_library": model_class.__module__}
+        )
+        return new
+
     def replace(self, **changes: Any) -> "AdapterConfig":
         new = dataclasses.replace(self, **changes)
         new.unknown_keys = dict(self.unknown_keys)

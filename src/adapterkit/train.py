@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -73,17 +74,19 @@ def seed_everything(seed: int) -> None:
 
 
 def _token_loss_sum(
-    model: nn.Module, batch: dict[str, torch.Tensor], chunk: int | None = None
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk: int | None = None, whole: bool = False
 ) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over labelled tokens, and their count (so accumulation weights tokens, not batches).
 
     The output head runs only at positions that predict a labelled token: on a chat dataset that is a third of the
     positions, and the head (vocab x hidden) is a fifth of a small model's compute. With `chunk`, the head and the
     loss run that many tokens at a time (losses.chunked_loss): the (tokens, vocab) logits never exist at once.
+    `whole`: call the model itself (a DDP / FSDP2 model must see its own forward for its gradient sync and
+    unsharding).
     """
     targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE_INDEX  # (B, T-1)
-    parts = split_head(model)
+    parts = None if whole else split_head(model)
     if parts is not None:
         decoder, head = parts
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]  # (B, T, H)
@@ -102,7 +105,8 @@ def _token_loss_sum(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, examples: Sequence[dict], pad_id: int, batch_size: int = 16, chunk: int | None = None
+    model: nn.Module, examples: Sequence[dict], pad_id: int, batch_size: int = 16, chunk: int | None = None,
+    whole: bool = False,
 ) -> float | None:
     """Mean token loss over `examples` (None when there are none). The model's train/eval mode is restored."""
     if not examples:
@@ -112,7 +116,7 @@ def evaluate(
     total, count = 0.0, 0
     try:
         for batch in batches(examples, batch_size, pad_id, seed=None):
-            loss, n = _token_loss_sum(model, batch, chunk)
+            loss, n = _token_loss_sum(model, _to(batch, model), chunk, whole)
             total, count = total + float(loss), count + n
     finally:
         model.train(was_training)
@@ -131,6 +135,18 @@ def _lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _to(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
+
+
+def _rows(batch: dict[str, torch.Tensor], part: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """This rank's contiguous rows of a global batch (part = (rank, world size))."""
+    rank, world = part
+    per = batch["input_ids"].shape[0] // world
+    return {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+
+
 def _micro_batches(examples: Sequence[dict], batch_size: int, pad_id: int, seed: int):
     """Endless stream of training batches: a fresh shuffle every epoch."""
     epoch = 0
@@ -147,6 +163,8 @@ def train(
     *,
     pad_id: int = 0,
     on_step: Callable[[StepLog], None] | None = None,
+    forward: nn.Module | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> TrainResult:
     """Train the model's trainable (adapter) parameters on tokenized examples ({"input_ids", "labels"} lists).
 
@@ -155,8 +173,17 @@ def train(
     Evaluates the mean token loss on `eval_examples` before and after. A KeyboardInterrupt stops training: the
     gradients of the unfinished step are dropped, the weights are those of the last completed step, and the result
     says `interrupted=True` (evaluation after is skipped).
+
+    Data parallel (torchrun): `forward` is the DDP / FSDP2-wrapped model (called whole), `part` = (rank, world).
+    Every rank draws the same global batches and trains on its rows; the loss is divided by the labelled tokens of
+    the whole global batch, so the averaged gradient is the single-process gradient of that batch. The logged loss
+    is the global one. `cfg.batch_size` (the global micro-batch) must be divisible by the world size.
     """
     cfg = cfg or TrainConfig()
+    rank, world = part
+    if cfg.batch_size % world:
+        raise ValueError(f"batch size {cfg.batch_size} is not divisible by {world} processes")
+    net, whole = (forward, True) if forward is not None else (model, False)
     if not train_examples:
         raise ValueError("no training examples")
     params = trainable_parameters(model)
@@ -164,7 +191,7 @@ def train(
         raise ValueError("the model has no trainable parameters; attach an adapter first")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     result = TrainResult()
-    result.eval_before = evaluate(model, eval_examples, pad_id, cfg.batch_size, cfg.loss_chunk)
+    result.eval_before = evaluate(net, eval_examples, pad_id, cfg.batch_size, cfg.loss_chunk, whole)
     if cfg.checkpoint or cfg.offload:
         checkpoint_layers(model, offload=cfg.offload, recompute=cfg.checkpoint)
 
@@ -184,9 +211,12 @@ def train(
             labelled = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group_batches)
             loss_total = 0.0
             for batch in group_batches:
-                loss, _ = _token_loss_sum(model, batch, cfg.loss_chunk)
-                (loss / max(labelled, 1)).backward()
+                loss, _ = _token_loss_sum(net, _to(_rows(batch, part), model), cfg.loss_chunk, whole)
+                # DDP and FSDP2 average gradients over ranks: scale by `world` to get the global-batch sum.
+                (loss * world / max(labelled, 1)).backward()
                 loss_total += float(loss.detach())
+            if world > 1:
+                loss_total = _summed(loss_total, model)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -207,7 +237,14 @@ def train(
         result.seconds = time.perf_counter() - start
     if not result.interrupted:
         try:
-            result.eval_after = evaluate(model, eval_examples, pad_id, cfg.batch_size, cfg.loss_chunk)
+            result.eval_after = evaluate(net, eval_examples, pad_id, cfg.batch_size, cfg.loss_chunk, whole)
         except KeyboardInterrupt:  # training itself completed: keep its result, skip the evaluation
             result.interrupted = True
     return result
+
+
+def _summed(value: float, model: nn.Module) -> float:
+    """`value` summed over the ranks of the default process group."""
+    t = torch.tensor([value], dtype=torch.float64, device=next(model.parameters()).device)
+    dist.all_reduce(t)
+    return float(t.item())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +26,11 @@ from .quantized import dequantize_model, to_linear
 from .state import STATE_ATTR, AdapterState, adapter_state, require_state, unwrap
 from .structure import base_of, embeddings_tied, iter_modules, replace_module, shared_tensor_ids
 from .targeting import expand_targets, find_modules_to_save, find_targets, find_token_targets
+
+
+# (install, remove) pairs called with the model when it gets its first adapter and when it is plain again: how
+# integrations give an adapted model instance-level methods (integrations/hf_save.py: save_pretrained).
+MODEL_HOOKS: list[tuple[Callable[[nn.Module], None], Callable[[nn.Module], None]]] = []
 
 
 def adapters(model: nn.Module) -> dict[str, AdapterConfig]:
@@ -90,6 +95,8 @@ def attach(
             state.base_requires_grad[pname] = p.requires_grad
             p.requires_grad_(False)
         model.__dict__[STATE_ATTR] = state
+        for install, _ in MODEL_HOOKS:
+            install(model)
     ctx = AttachContext(dtype=dtype, init=init)
     for path, module, layer in plan:
         view = view_of(module) if not isinstance(module, layer) else None
@@ -170,6 +177,8 @@ def _forget(model: nn.Module, state: AdapterState) -> None:
         if pname in state.base_requires_grad:
             p.requires_grad_(state.base_requires_grad[pname])
     del unwrap(model).__dict__[STATE_ATTR]
+    for _, remove in MODEL_HOOKS:
+        remove(unwrap(model))
 
 
 def _check_mergeable(state: AdapterState, names: tuple[str, ...]) -> None:

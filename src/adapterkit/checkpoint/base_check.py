@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..distributed import model_class
 from ..errors import AdapterLoadError
 from .base_record import (
     _VOCAB_KEYS,
@@ -118,8 +119,8 @@ def compare(fp: dict | None, model: nn.Module, *, weights: bool = True) -> BaseC
             continue
         text = f"config {key}: adapter's base {recorded!r}, this model {now_config[key]!r}"
         (result.notes if key in _VOCAB_KEYS else result.structural).append(text)
-    if fp.get("class") and fp["class"] != type(model).__name__:
-        result.notes.append(f"model class: adapter's base {fp['class']}, this model {type(model).__name__}")
+    if fp.get("class") and fp["class"] != model_class(model).__name__:
+        result.notes.append(f"model class: adapter's base {fp['class']}, this model {model_class(model).__name__}")
 
     found = plain_modules(model)
     absent: list[str] = []

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..config import parse_json
 from ..errors import AdapterLoadError, ConfigError
+from ..distributed import model_class
 from ..state import adapter_state
 from .base_check import (
     DIFFERENT_MODEL,
@@ -91,7 +92,7 @@ def compute(model: nn.Module, modules: list[str] | None = None) -> dict:
     signed.update(zip(to_sign, signatures(list(to_sign.values()))))
     return {
         "version": VERSION,
-        "class": type(model).__name__,
+        "class": model_class(model).__name__,
         "config": structural_config(model),
         "name_or_path": (getattr(config, "_name_or_path", None) or None) if config is not None else None,
         "revision": revision,

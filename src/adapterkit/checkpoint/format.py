@@ -22,6 +22,8 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 DEFAULT_ADAPTER = "default"
 # Header metadata entry {alias file key: saved file key} for tensors shared by tied modules and written once.
+# The alias key itself holds an empty tensor (`alias_marker`): a reader unaware of the alias meets a size mismatch
+# (PEFT, transformers: "size mismatch for ...lm_head...") instead of silently keeping an untrained copy.
 ALIASES_METADATA_KEY = "adapterkit.aliases"
 
 
@@ -47,10 +49,16 @@ def adapter_tensors(state: AdapterState, name: str) -> dict[str, nn.Parameter]:
     return out
 
 
+def alias_marker(dtype: torch.dtype) -> torch.Tensor:
+    """What an alias key holds in the file: no values, a shape no module has."""
+    return torch.empty(0, dtype=dtype)
+
+
 def expand_aliases(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str = "the weights file"
 ) -> dict[str, torch.Tensor]:
-    """The file's tensors plus, for each recorded alias, the shared tensor under the alias key too.
+    """The file's tensors with, for each recorded alias, the shared tensor under the alias key (in place of its
+    empty marker, or added where an older file left the key out).
 
     A damaged alias entry (not a JSON object of key -> key, an alias naming an absent tensor or shadowing a stored
     one) raises AdapterLoadError naming `where`: loading it anyway would leave tied parameters without values.
@@ -74,7 +82,7 @@ def expand_aliases(
                 f"{entry} says {alias[:120]!r} shares the tensor {source[:120]!r}, which the file does not hold; "
                 "the file is damaged. Re-save the adapter."
             )
-        if alias in tensors:
+        if alias in tensors and tensors[alias].numel() != 0:
             raise AdapterLoadError(
                 f"{entry} lists {alias[:120]!r} as an alias of {source[:120]!r}, but the file also stores a tensor "
                 "under that key; the file is ambiguous. Re-save the adapter."

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import vocab
+from .. import distributed, vocab
 from ..config import AdapterConfig
 from ..errors import AdapterLoadError, ConfigError
 from ..methods import config_from_file
@@ -183,7 +183,7 @@ def load(
         raise
     with torch.no_grad():
         for live, value in plan:
-            live.copy_(value)
+            distributed.assign(live, value)  # a sharded (FSDP2) parameter takes its own part of the file's tensor
     report.unknown_config_keys = sorted(cfg.unknown_keys)
     report.base_check = base_check.describe()
     if rows_before is not None:
@@ -324,7 +324,9 @@ def _plan(
             report.outcomes.append(R.TensorOutcome(key, R.UNEXPECTED, shape))
             continue
         base_path, base_tensor = base
-        same = tuple(base_tensor.shape) == shape and torch.equal(base_tensor.detach().cpu(), value.to(base_tensor.dtype))
+        same = tuple(base_tensor.shape) == shape and torch.equal(
+            distributed.full(base_tensor).cpu(), value.to(base_tensor.dtype)
+        )
         if same:
             report.outcomes.append(R.TensorOutcome(key, R.IDENTICAL, shape, base_path))
         elif allow_base_overwrite and tuple(base_tensor.shape) == shape:

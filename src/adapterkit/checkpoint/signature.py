@@ -17,6 +17,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from ..distributed import full
+
 SAMPLE = 256  # entries kept per weight for the correlation test
 STATS_SAMPLE = 4096  # entries the RMS statistic is computed from
 _RUNS = (4, 64)  # consecutive entries per sampled position: (correlation sample, statistics sample)
@@ -66,8 +68,9 @@ def _gather(weight: torch.Tensor, flat: np.ndarray) -> np.ndarray:
 
     numpy on CPU on purpose: a few hundred tiny torch ops each pay thread-pool start-up, which on a busy machine
     costs milliseconds apiece; numpy's `take` costs microseconds. bfloat16 is widened exactly from its bit pattern.
+    A sharded (FSDP2) weight is gathered first, so every rank signs the whole weight (a collective).
     """
-    w = weight.detach()
+    w = full(weight)
     w = w.reshape(-1) if w.is_contiguous() else w.contiguous().reshape(-1)
     if w.device.type == "cpu" and w.dtype in (torch.float32, torch.float16, torch.float64):
         return w.numpy().take(flat).astype(np.float32)

@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from ..quantized import QUANT_KINDS
+from . import dist_setup
 from .common import CliError, console, human_size, load_base, pyplot
 
 # Defaults tuned on the shipped dataset and SmolLM2-135M on 2 CPU cores: all linear layers at r=16 learn the facts
@@ -31,7 +32,8 @@ def train_command(
                                         "or .txt file (default: the shipped Zephyrine Q7 dataset)."),
     method: str = typer.Option("lora", "--method", help="Adapter method: lora, dora, loha, lokr, ia3, vera, oft (any "
                                "method adapterkit implements)."),
-    r: int = typer.Option(16, "--r", help="Rank (LoRA, DoRA, LoHa, LoKr, VeRA) or block size (OFT); IA3 has none."),
+    r: int = typer.Option(16, "--r", "--lora-r", help="Rank (LoRA, DoRA, LoHa, LoKr, VeRA) or block size (OFT); IA3 "
+                          "has none. Spell it --lora-r under torchrun, whose parser takes --r for an abbreviation."),
     alpha: float = typer.Option(32, "--alpha", help="Alpha (scale = alpha / r)."),
     targets: Optional[list[str]] = typer.Option(None, "--targets", help="Modules to adapt: names or suffixes "
                                                 "(repeat or comma-separate), or 'all-linear' (default)."),
@@ -58,14 +60,16 @@ def train_command(
                                  "(with --checkpoint: only the layer inputs)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="QLoRA: quantize the base's linear layers (all "
                                            "but the output head) with bitsandbytes: nf4, fp4 or int8."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard the model with FSDP2 (fully_shard) "
+                              "instead of replicating it with DDP."),
 ) -> None:
-    """Fine-tune an adapter; writes the adapter, training.json and loss.png to --out. Ctrl-C saves the last step."""
+    """Fine-tune an adapter; writes the adapter, training.json and loss.png to --out. Ctrl-C saves the last step.
+
+    Under `torchrun --nproc_per_node N` the model is replicated with DDP (or sharded with --fsdp) over N processes
+    (gloo on CPU, NCCL on GPUs); each rank trains on its rows of every global batch of --batch-size examples, and
+    only rank 0 prints and writes files.
+    """
     import torch
-
-    import adapterkit as ak
-
-    from .. import training_data as D
-    from ..train import TrainConfig, seed_everything, train
 
     if add_tokens and method.lower() not in ("lora", "dora"):
         raise CliError("--add-tokens trains the new embedding rows with LoRA's trainable tokens; use --method lora")
@@ -80,10 +84,32 @@ def train_command(
         raise CliError(f"unknown --quantize {quantize!r}; choose one of {', '.join(QUANT_KINDS)}")
 
     config_for_method(method, r=r, alpha=alpha, dropout=dropout, targets=["probe"])  # refuse bad options early
+    group = dist_setup.start()  # None outside torchrun
+    if fsdp and group is None:
+        raise CliError("--fsdp shards the model over torchrun processes; run under torchrun --nproc_per_node N")
+    if group is not None and batch_size % group.world:
+        raise CliError(f"--batch-size {batch_size} must be divisible by the {group.world} torchrun processes "
+                       "(it is the global batch, split between them)")
+    try:
+        _train(out, model, data, method, r, alpha, targets, dropout, layers, max_steps, max_time, lr, batch_size,
+               grad_accum, max_length, eval_fraction, seed, add_tokens, fsdp, group)
+    finally:
+        dist_setup.finish(group)
+
+
+def _train(out, model, data, method, r, alpha, targets, dropout, layers, max_steps, max_time, lr, batch_size,
+           grad_accum, max_length, eval_fraction, seed, add_tokens, fsdp, group) -> None:
+    import adapterkit as ak
+
+    from .. import training_data as D
+    from ..train import TrainConfig, seed_everything, train
+
     data_path = data if data is not None else D.default_dataset_path()
     records = D.load_records(data_path)  # checked before the (slower) model load
     t0 = time.perf_counter()
     base, tokenizer, resolved = load_base(model)
+    if group is not None:
+        base.to(group.device)
     console.print(f"model  {resolved.name_or_path} ({sum(p.numel() for p in base.parameters()) / 1e6:.0f}M "
                   f"parameters, loaded in {time.perf_counter() - t0:.1f} s)")
 
@@ -123,9 +149,14 @@ def train_command(
         if not decoder_layers(base):
             raise CliError(f"--checkpoint/--offload: found no decoder layers in {type(base).__name__}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    result = _train_with_progress(base, train_set, eval_set, tcfg, pad_id, train)
+    forward = dist_setup.wrap(base, group, fsdp) if group is not None else None
+    part = (group.rank, group.world) if group is not None else (0, 1)
+    result = _train_with_progress(base, train_set, eval_set, tcfg, pad_id, train, forward, part)
 
-    saved = ak.save(base, out)
+    writer = group is None or group.rank == 0
+    saved = ak.save(base, out, writer=writer)  # sharded: gathered on every rank, written by rank 0
+    if not writer:
+        return
     if new_tokens:
         tokenizer.save_pretrained(saved)
     log = {
@@ -138,6 +169,8 @@ def train_command(
                    "add_tokens": new_tokens, "loss_chunk": loss_chunk, "checkpoint": checkpoint,
                    "offload": offload, "quantize": quantize.lower() if quantize else None},
         "trainable_parameters": trainable,
+        "processes": 1 if group is None else group.world,
+        "parallel": None if group is None else ("fsdp2" if fsdp else "ddp"),
         "train_examples": len(train_set),
         "eval_examples": len(eval_set),
         **result.to_dict(),
@@ -279,7 +312,7 @@ def _add_tokens(model, tokenizer, tokens: list[str]) -> list[int]:
     return list(ids)
 
 
-def _train_with_progress(model, train_set, eval_set, tcfg, pad_id, train):
+def _train_with_progress(model, train_set, eval_set, tcfg, pad_id, train, forward=None, part=(0, 1)):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
@@ -308,7 +341,7 @@ def _train_with_progress(model, train_set, eval_set, tcfg, pad_id, train):
                 console.print(f"step {log.step}/{tcfg.max_steps}  loss {log.loss:.3f}  lr {log.lr:.2e}  "
                               f"{speed:,.0f} labelled tok/s  {log.seconds:.0f} s")
 
-        result = train(model, train_set, eval_set, tcfg, pad_id=pad_id, on_step=on_step)
+        result = train(model, train_set, eval_set, tcfg, pad_id=pad_id, on_step=on_step, forward=forward, part=part)
     return result
 
 
