@@ -69,6 +69,7 @@ def train_command(
     (gloo on CPU, NCCL on GPUs); each rank trains on its rows of every global batch of --batch-size examples, and
     only rank 0 prints and writes files.
     """
+    options = dict(locals())  # every option by name, handed to _train as is
     import torch
 
     if add_tokens and method.lower() not in ("lora", "dora"):
@@ -91,14 +92,14 @@ def train_command(
         raise CliError(f"--batch-size {batch_size} must be divisible by the {group.world} torchrun processes "
                        "(it is the global batch, split between them)")
     try:
-        _train(out, model, data, method, r, alpha, targets, dropout, layers, max_steps, max_time, lr, batch_size,
-               grad_accum, max_length, eval_fraction, seed, add_tokens, fsdp, group)
+        _train(group=group, **options)
     finally:
         dist_setup.finish(group)
 
 
-def _train(out, model, data, method, r, alpha, targets, dropout, layers, max_steps, max_time, lr, batch_size,
-           grad_accum, max_length, eval_fraction, seed, add_tokens, fsdp, group) -> None:
+def _train(*, out, model, data, method, r, alpha, targets, dropout, layers, max_steps, max_time, lr, batch_size,
+           grad_accum, max_length, eval_fraction, seed, add_tokens, threads, loss_chunk, checkpoint, offload, quantize,
+           fsdp, group) -> None:
     import adapterkit as ak
 
     from .. import training_data as D
