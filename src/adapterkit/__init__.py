@@ -12,6 +12,7 @@ from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
 from .methods import METHODS, Method, register
 from .methods.lora_config import LoraConfig
+from .optim import create_loraplus_optimizer, loraplus_param_groups
 from .verbs import (
     active_adapters,
     adapters,
@@ -44,9 +45,11 @@ __all__ = [
     "adapters",
     "attach",
     "count_parameters",
+    "create_loraplus_optimizer",
     "delete",
     "disabled",
     "load",
+    "loraplus_param_groups",
     "merge",
     "register",
     "save",

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .optim import loraplus_param_groups
 from .training_data import IGNORE_INDEX, batches
 from .verbs import trainable_parameters
 
@@ -31,6 +32,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # clip the adapter gradients' global norm (0 disables)
     seed: int = 0  # adapter init, data order
     max_seconds: float | None = None  # wall-time budget: stop after the step that crosses it; the schedule follows
+    loraplus_ratio: float | None = None  # LoRA+: lora_B learns this many times faster than lora_A (optim.py)
 
 
 @dataclass
@@ -162,7 +164,13 @@ def train(
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters; attach an adapter first")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.loraplus_ratio is not None:
+        groups = loraplus_param_groups(model, cfg.lr, cfg.loraplus_ratio, loraplus_weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The schedule scales every group's own learning rate (LoRA+ groups keep their ratios to the peak).
+    lr_scales = [group["lr"] / cfg.lr for group in optimizer.param_groups]
     result = TrainResult()
     result.eval_before = evaluate(model, eval_examples, pad_id, cfg.batch_size)
 
@@ -176,8 +184,8 @@ def train(
                 result.stopped_by_time = True
                 break
             lr = _lr_at(step, cfg, elapsed)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for group, scale in zip(optimizer.param_groups, lr_scales):
+                group["lr"] = lr * scale
             group_batches = [next(stream) for _ in range(cfg.grad_accum)]
             labelled = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group_batches)
             loss_total = 0.0

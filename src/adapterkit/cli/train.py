@@ -46,6 +46,8 @@ def train_command(
     seed: int = typer.Option(0, "--seed", help="Seed for adapter init, data split and order."),
     add_tokens: Optional[list[str]] = typer.Option(None, "--add-tokens", help="New tokens to add to the vocabulary "
                                                    "(repeat or comma-separate)."),
+    loraplus_ratio: Optional[float] = typer.Option(None, "--loraplus-ratio", help="LoRA+: lora_B's learning rate is "
+                                                   "this many times --lr (e.g. 16)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
 ) -> None:
     """Fine-tune a LoRA adapter; writes the adapter, training.json and loss.png to --out. Ctrl-C saves the last step."""
@@ -62,6 +64,8 @@ def train_command(
                         ("--r", r), ("--max-length", max_length)):
         if value < 1:
             raise CliError(f"{name} must be at least 1, got {value}")
+    if loraplus_ratio is not None and not loraplus_ratio > 0:
+        raise CliError(f"--loraplus-ratio must be a positive number, got {loraplus_ratio}")
     if threads:
         torch.set_num_threads(threads)
 
@@ -95,7 +99,8 @@ def train_command(
                   f"{total:,} parameters ({100 * trainable / total:.2f}%)")
 
     tcfg = TrainConfig(max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-                       warmup_steps=min(10, max(max_steps // 10, 1)), max_seconds=max_time)
+                       warmup_steps=min(10, max(max_steps // 10, 1)), max_seconds=max_time,
+                       loraplus_ratio=loraplus_ratio)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     result = _train_with_progress(base, train_set, eval_set, tcfg, pad_id, train)
 
@@ -109,7 +114,7 @@ def train_command(
                    "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
                    "max_length": max_length, "eval_fraction": eval_fraction, "seed": seed,
                    "layers": _layer_list(layers), "max_time": max_time,
-                   "add_tokens": new_tokens},
+                   "add_tokens": new_tokens, "loraplus_ratio": loraplus_ratio},
         "trainable_parameters": trainable,
         "train_examples": len(train_set),
         "eval_examples": len(eval_set),
