@@ -6,6 +6,7 @@ exactly as it was.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -16,7 +17,7 @@ from torch import nn
 from .. import vocab
 from ..config import AdapterConfig
 from ..errors import AdapterLoadError, ConfigError
-from ..methods import config_from_file
+from ..methods import config_from_file, lora_init
 from ..state import adapter_state, unwrap
 from ..verbs import attach, delete, set_active
 from . import fingerprint as F
@@ -96,6 +97,7 @@ def load(
     """
     model = unwrap(model)  # DDP / torch.compile wrappers: load onto the user's model inside
     folder, cfg, tensors, metadata = read_adapter(path, name)
+    residual_note = _check_residual_base(model, folder, F.from_metadata(metadata), metadata)
     base_check = _check_base(model, folder, F.from_metadata(metadata), check_base)
     state = adapter_state(model)
     if state is not None and name in state.configs:
@@ -103,9 +105,15 @@ def load(
     cfg = cfg.replace(inference_mode=not trainable)
     tensors = expand_aliases(tensors, metadata)
     rows_before = _match_vocabulary(model, folder, metadata, resize)
+    init = getattr(cfg, "init_lora_weights", None)
+    # PiSSA / OLoRA: the attach itself never touches the base; a PEFT file (no record of a residual base) gets the
+    # residual recomputed from this base after every check passed, as PEFT does when it loads one.
+    recompute = lora_init.is_residual_init(init) and lora_init.RESIDUAL_METADATA_KEY not in metadata
     try:
         # Strict: every adapter tensor comes from the file (or the load fails), so initialising them would be wasted.
-        attach(model, cfg, name, init=not strict)
+        attach(model, cfg.replace(init_lora_weights=True) if lora_init.is_residual_init(init) else cfg, name,
+               init=not strict)
+        adapter_state(model).configs[name] = cfg
     except ConfigError as exc:
         _undo_resize(model, rows_before)
         raise AdapterLoadError(f"adapter {folder} does not fit {type(model).__name__}: {exc}") from exc
@@ -117,9 +125,18 @@ def load(
         delete(model, name)
         _undo_resize(model, rows_before)
         raise
+    if recompute:
+        for layer in adapter_state(model).wrappers.values():
+            if name in layer.records and "lora_A" in layer._modules:  # LoRA linear layers (PEFT: the same)
+                lora_init.init_residual(layer, name, init)
+        residual_note = (f"{lora_init.method_name(init)}: the file does not record its residual base (PEFT-made); "
+                         "the base weights were replaced by the residual recomputed from this model, as PEFT does"
+                         + (" (randomised SVD: not the exact residual trained on)" if init.startswith("pissa_") else ""))
     with torch.no_grad():
         for live, value in plan:
             live.copy_(value)
+    if residual_note:
+        report.notes.append(residual_note)
     report.unknown_config_keys = sorted(cfg.unknown_keys)
     report.base_check = base_check.describe()
     if rows_before is not None:
@@ -173,6 +190,35 @@ def _undo_resize(model: nn.Module, rows_before: int | None) -> None:
 
 
 _CHECK_BASE = ("error", "warn", "off")
+
+
+def _check_residual_base(model: nn.Module, folder: Path, fp: dict | None, metadata: dict) -> str | None:
+    """A PiSSA / OLoRA adapter saved on its residual base: refuse the original base (closer to the recorded
+    original weights than to the residual ones). Returns a report note, or None for other adapters."""
+    text = metadata.get(lora_init.RESIDUAL_METADATA_KEY)
+    if not text or fp is None:
+        return None
+    try:
+        record = json.loads(text)
+        original, init = dict(record["original"]), str(record["init"])
+    except (ValueError, KeyError, TypeError):
+        raise AdapterLoadError(f"adapter {folder}: unreadable {lora_init.RESIDUAL_METADATA_KEY} metadata.") from None
+    what = lora_init.method_name(init)
+    as_residual = F.compare(fp, model, weights=True)
+    as_original = F.compare({**fp, "modules": {**fp.get("modules", {}), **original}}, model, weights=True)
+    if as_residual.structural:
+        return None  # another structure: _check_base reports it
+    residual_rel = [m.rel_diff for m in as_residual.modules if m.path in original and m.rel_diff is not None]
+    original_rel = [m.rel_diff for m in as_original.modules if m.path in original and m.rel_diff is not None]
+    if residual_rel and sum(original_rel) < sum(residual_rel):
+        raise AdapterLoadError(
+            f"adapter {folder} was trained with {what} (init_lora_weights={init!r}), which replaced the base weights "
+            f"of {len(original)} modules by residuals W - s*B0*A0, but this {type(model).__name__} has the original "
+            "weights: the adapter would be applied to the wrong base. Nothing was changed. Load it onto the "
+            f"residual base it was trained on, or save the trained adapter with ak.save(model, dir, "
+            f"as_plain_lora=True), which writes a plain LoRA adapter for the original base."
+        )
+    return f"{what}: this model is the residual base the adapter was trained on (base weights modified by {what})"
 
 
 def _check_base(model: nn.Module, folder: Path, fp: dict | None, check_base: str) -> F.BaseCheck:

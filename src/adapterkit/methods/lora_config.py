@@ -8,8 +8,9 @@ from typing import Any, ClassVar
 
 from ..config import MAX_LIST_ITEMS, MAX_RANK, AdapterConfig, check_pattern
 from ..errors import ConfigError
+from .lora_init import is_residual_init
 
-INIT_CHOICES = (True, False, "gaussian")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_<N>" (lora_init.py)
 
 
 @dataclass
@@ -89,9 +90,10 @@ class LoraConfig(AdapterConfig):
                 "would give different outputs. Use plain LoRA (set it to False)."
             )
         if not any(self.init_lora_weights is c or (isinstance(c, str) and self.init_lora_weights == c)
-                   for c in INIT_CHOICES):
+                   for c in INIT_CHOICES) and not is_residual_init(self.init_lora_weights):
             raise ConfigError(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported; choose one of True, False, 'gaussian'."
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; choose one of True, False, "
+                "'gaussian', 'pissa', 'pissa_niter_<N>' (N iterations, 1-9999) or 'olora'."
             )
         _check_patterns("rank_pattern", self.rank_pattern, lambda v: isinstance(v, int) and not isinstance(v, bool)
                         and 0 < v <= MAX_RANK, f"a positive integer up to {MAX_RANK}")
