@@ -70,7 +70,8 @@ def attach(
         raise TargetError(
             "the config targets no module: set target_modules, modules_to_save or trainable_token_indices."
         )
-    if hasattr(cfg, "fan_in_fan_out") and any(view_of(base_of(m)).fan_in_fan_out for _, m, _ in targets):
+    if hasattr(cfg, "fan_in_fan_out") and any(getattr(view_of(base_of(m)), "fan_in_fan_out", False)
+                                              for _, m, _ in targets):  # bare-parameter targets have no view
         cfg = cfg.replace(fan_in_fan_out=True)  # recorded in the file as PEFT does; handled per layer
     if cfg.base_model_name_or_path is None:
         cfg = cfg.replace(base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None)

@@ -137,6 +137,9 @@ def load(
             live.copy_(value)
     if residual_note:
         report.notes.append(residual_note)
+    for layer in adapter_state(model).wrappers.values():  # what a layer says about the file's layout
+        if name in layer.records and hasattr(layer, "load_notes"):
+            report.notes += [n for n in layer.load_notes(name) if n not in report.notes]
     report.unknown_config_keys = sorted(cfg.unknown_keys)
     report.base_check = base_check.describe()
     if rows_before is not None:

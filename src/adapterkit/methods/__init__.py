@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from .base import AdapterWrapper
 from .lora import LoraEmbedding, LoraLinear
 from .lora_config import LoraConfig
+from .lora_param import LoraParam
 
 
 @dataclass(frozen=True)
@@ -90,4 +91,5 @@ def config_from_file(path: str | Path) -> AdapterConfig:
 
 
 # -- the table -----------------------------------------------------------------------------------------------------
-register(Method("LORA", LoraConfig, {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding}))
+register(Method("LORA", LoraConfig, {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding,
+                                     "parameter": LoraParam}))

@@ -32,6 +32,7 @@ class LoraConfig(AdapterConfig):
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # rows of the embedding to train
     use_dora: bool = False  # weight-decomposed LoRA (Liu et al., 2024): a trained magnitude per output row
     lora_bias: bool = False  # a trainable bias on lora_B: not implemented yet, refused when True
+    target_parameters: list[str] | None = None  # bare parameters to adapt, e.g. fused MoE experts (lora_param.py)
     ensure_weight_tying: bool = False  # accepted for compatibility: adapterkit always keeps ties consistent
     peft_type: str = "LORA"
 
@@ -51,6 +52,7 @@ class LoraConfig(AdapterConfig):
         "use_dora": "bool",
         "lora_bias": "bool",
         "ensure_weight_tying": "bool",
+        "target_parameters": "str_list?",
     }
     UNSUPPORTED_WHEN_SET: ClassVar[dict[str, Any]] = {
         "layer_replication": None,
@@ -62,7 +64,6 @@ class LoraConfig(AdapterConfig):
         "alora_invocation_tokens": None,
         "use_qalora": False,
         "monteclora_config": None,
-        "target_parameters": None,
         "use_bdlora": None,
         "arrow_config": None,
         "kasa_config": None,
@@ -70,7 +71,7 @@ class LoraConfig(AdapterConfig):
     }
     PASSTHROUGH_KEYS: ClassVar[frozenset[str]] = AdapterConfig.PASSTHROUGH_KEYS | {"qalora_group_size"}
     OMIT_WHEN_EMPTY: ClassVar[frozenset[str]] = AdapterConfig.OMIT_WHEN_EMPTY | {
-        "trainable_token_indices", "ensure_weight_tying", "lora_bias"
+        "trainable_token_indices", "ensure_weight_tying", "lora_bias", "target_parameters"
     }
 
     def validate(self) -> None:
@@ -101,6 +102,16 @@ class LoraConfig(AdapterConfig):
                         and not isinstance(v, bool) and math.isfinite(v), "a finite number")
         if self.trainable_token_indices is not None:
             _check_token_indices(self.trainable_token_indices)
+        if self.target_parameters:
+            if len(self.target_parameters) > MAX_LIST_ITEMS:
+                raise ConfigError(f"target_parameters has {len(self.target_parameters):,} entries; at most "
+                                  f"{MAX_LIST_ITEMS:,} are accepted.")
+            for key, bad in (("lora_dropout", self.lora_dropout != 0), ("use_dora", self.use_dora),
+                             ("init_lora_weights", is_residual_init(self.init_lora_weights))):
+                if bad:
+                    raise ConfigError(f"target_parameters cannot be combined with {key}={getattr(self, key)!r} (the "
+                                      "delta is added to the parameter, so there is no input to drop out, no "
+                                      "weight to decompose or to initialise from); leave it at its default.")
 
     @classmethod
     def _normalise(cls, kwargs: dict[str, Any]) -> None:
