@@ -7,10 +7,12 @@
 """
 
 from . import vocab  # adapterkit.vocab.add_tokens / find_ties
+from .adalora_schedule import RankAllocator, adalora_callback
 from .checkpoint import LoadReport, load, save
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
 from .methods import METHODS, Method, register
+from .methods.adalora import AdaLoraConfig
 from .methods.lora_config import LoraConfig
 from .optim import create_loraplus_optimizer, loraplus_param_groups
 from .verbs import (
@@ -31,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "AdaLoraConfig",
     "AdapterConfig",
     "AdapterError",
     "AdapterLoadError",
@@ -40,8 +43,10 @@ __all__ = [
     "LoraConfig",
     "MergeError",
     "Method",
+    "RankAllocator",
     "TargetError",
     "active_adapters",
+    "adalora_callback",
     "adapters",
     "attach",
     "count_parameters",

@@ -149,6 +149,8 @@ def train(
     *,
     pad_id: int = 0,
     on_step: Callable[[StepLog], None] | None = None,
+    regularizer: Callable[[], torch.Tensor] | None = None,
+    after_optimizer_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train the model's trainable (adapter) parameters on tokenized examples ({"input_ids", "labels"} lists).
 
@@ -157,6 +159,9 @@ def train(
     Evaluates the mean token loss on `eval_examples` before and after. A KeyboardInterrupt stops training: the
     gradients of the unfinished step are dropped, the weights are those of the last completed step, and the result
     says `interrupted=True` (evaluation after is skipped).
+    regularizer: a loss term added once per optimizer step (AdaLoRA's orthogonality term).
+    after_optimizer_step(step): called after each optimizer step, before the gradients are cleared (AdaLoRA's
+    rank allocation).
     """
     cfg = cfg or TrainConfig()
     if not train_examples:
@@ -193,9 +198,13 @@ def train(
                 loss, _ = _token_loss_sum(model, batch)
                 (loss / max(labelled, 1)).backward()
                 loss_total += float(loss.detach())
+            if regularizer is not None:
+                regularizer().backward()
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+            if after_optimizer_step is not None:
+                after_optimizer_step(step)
             optimizer.zero_grad(set_to_none=True)
             result.tokens_seen += sum(int(b["attention_mask"].sum()) for b in group_batches)
             log = StepLog(step + 1, loss_total / max(labelled, 1), lr, labelled, time.perf_counter() - start)

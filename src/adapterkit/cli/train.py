@@ -27,7 +27,10 @@ def train_command(
                                         "or cached hub id (default: the embedded SmolLM2-135M-Instruct)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="JSONL (chat / prompt-completion / text records) "
                                         "or .txt file (default: the shipped Zephyrine Q7 dataset)."),
-    method: str = typer.Option("lora", "--method", help="Adapter method (only 'lora' so far)."),
+    method: str = typer.Option("lora", "--method", help="Adapter method: 'lora' or 'adalora' (--r is the initial "
+                               "rank, --target-r the average final one)."),
+    target_r: Optional[int] = typer.Option(None, "--target-r", help="AdaLoRA: average rank per layer at the end "
+                                           "(default: half of --r)."),
     r: int = typer.Option(16, "--r", help="LoRA rank."),
     alpha: float = typer.Option(32, "--alpha", help="LoRA alpha (scale = alpha / r)."),
     targets: Optional[list[str]] = typer.Option(None, "--targets", help="Modules to adapt: names or suffixes "
@@ -58,8 +61,9 @@ def train_command(
     from .. import training_data as D
     from ..train import TrainConfig, seed_everything, train
 
-    if method.lower() != "lora":
-        raise CliError(f"unknown --method {method!r}; adapterkit implements 'lora' so far")
+    method = method.lower()
+    if method not in ("lora", "adalora"):
+        raise CliError(f"unknown --method {method!r}; choose 'lora' or 'adalora'")
     for name, value in (("--max-steps", max_steps), ("--batch-size", batch_size), ("--grad-accum", grad_accum),
                         ("--r", r), ("--max-length", max_length)):
         if value < 1:
@@ -82,11 +86,20 @@ def train_command(
     seed_everything(seed)
     target_list = _split(targets) or [DEFAULT_TARGETS]
     target_spec = _linear_leaf_names(base) if target_list == [DEFAULT_TARGETS] else target_list
-    cfg = ak.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_spec,
-                        layers_to_transform=_layer_list(layers), task_type="CAUSAL_LM",
-                        # Only the new rows of the embedding (and a tied head) are trained and saved.
-                        trainable_token_indices=new_ids)
+    common = dict(lora_alpha=alpha, lora_dropout=dropout, target_modules=target_spec,
+                  layers_to_transform=_layer_list(layers), task_type="CAUSAL_LM",
+                  # Only the new rows of the embedding (and a tied head) are trained and saved.
+                  trainable_token_indices=new_ids)
+    if method == "adalora":
+        try:
+            cfg = ak.AdaLoraConfig(init_r=r, target_r=target_r or max(r // 2, 1), total_step=max_steps,
+                                   tinit=max_steps // 10, tfinal=max_steps // 5, **common)
+        except ak.ConfigError as exc:
+            raise CliError(f"--method adalora: {exc}") from None
+    else:
+        cfg = ak.LoraConfig(r=r, **common)
     ak.attach(base, cfg)
+    allocator = ak.RankAllocator(base) if method == "adalora" else None
     trainable, total = ak.count_parameters(base)
     resolved_targets = ak.adapters(base)["default"].target_modules
 
@@ -102,7 +115,13 @@ def train_command(
                        warmup_steps=min(10, max(max_steps // 10, 1)), max_seconds=max_time,
                        loraplus_ratio=loraplus_ratio)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    result = _train_with_progress(base, train_set, eval_set, tcfg, pad_id, train)
+    hooks = {} if allocator is None else {"regularizer": allocator.orth_loss_term,
+                                          "after_optimizer_step": allocator.step}
+    result = _train_with_progress(base, train_set, eval_set, tcfg, pad_id, train, **hooks)
+    if allocator is not None:
+        allocator.remove()
+        console.print(f"adalora kept ranks {sorted(set(allocator.ranks().values()))} "
+                      f"(budget {allocator.target_budget} over {len(allocator.layers)} layers)")
 
     saved = ak.save(base, out)
     if new_tokens:
@@ -110,11 +129,12 @@ def train_command(
     log = {
         "model": resolved.name_or_path,
         "data": str(data_path),
-        "config": {"method": "lora", "r": r, "alpha": alpha, "dropout": dropout, "targets": resolved_targets,
+        "config": {"method": method, "r": r, "alpha": alpha, "dropout": dropout, "targets": resolved_targets,
                    "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
                    "max_length": max_length, "eval_fraction": eval_fraction, "seed": seed,
                    "layers": _layer_list(layers), "max_time": max_time,
-                   "add_tokens": new_tokens, "loraplus_ratio": loraplus_ratio},
+                   "add_tokens": new_tokens, "loraplus_ratio": loraplus_ratio,
+                   **({"adalora_ranks": allocator.ranks()} if allocator is not None else {})},
         "trainable_parameters": trainable,
         "train_examples": len(train_set),
         "eval_examples": len(eval_set),
@@ -189,7 +209,7 @@ def _add_tokens(model, tokenizer, tokens: list[str]) -> list[int]:
     return list(ids)
 
 
-def _train_with_progress(model, train_set, eval_set, tcfg, pad_id, train):
+def _train_with_progress(model, train_set, eval_set, tcfg, pad_id, train, **hooks):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
@@ -218,7 +238,7 @@ def _train_with_progress(model, train_set, eval_set, tcfg, pad_id, train):
                 console.print(f"step {log.step}/{tcfg.max_steps}  loss {log.loss:.3f}  lr {log.lr:.2e}  "
                               f"{speed:,.0f} labelled tok/s  {log.seconds:.0f} s")
 
-        result = train(model, train_set, eval_set, tcfg, pad_id=pad_id, on_step=on_step)
+        result = train(model, train_set, eval_set, tcfg, pad_id=pad_id, on_step=on_step, **hooks)
     return result
 
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from ..config import AdapterConfig, read_json
 from ..errors import ConfigError
+from .adalora import AdaLoraConfig, AdaLoraLinear
 from .base import AdapterWrapper
 from .lora import LoraEmbedding, LoraLinear
 from .lora_config import LoraConfig
@@ -93,3 +94,4 @@ def config_from_file(path: str | Path) -> AdapterConfig:
 # -- the table -----------------------------------------------------------------------------------------------------
 register(Method("LORA", LoraConfig, {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding,
                                      "parameter": LoraParam}))
+register(Method("ADALORA", AdaLoraConfig, {"linear": AdaLoraLinear, "conv1d": AdaLoraLinear}))
