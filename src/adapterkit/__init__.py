@@ -14,6 +14,7 @@ from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigErro
 from .methods import METHODS, Method, register
 from .methods.adalora import AdaLoraConfig
 from .methods.lora_config import LoraConfig
+from .methods.prompt_tuning import PromptTuningConfig
 from .optim import create_loraplus_optimizer, loraplus_param_groups
 from .verbs import (
     active_adapters,
@@ -43,6 +44,7 @@ __all__ = [
     "LoraConfig",
     "MergeError",
     "Method",
+    "PromptTuningConfig",
     "RankAllocator",
     "TargetError",
     "active_adapters",

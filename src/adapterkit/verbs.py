@@ -61,11 +61,15 @@ def attach(
     state = adapter_state(model)
     if state is not None and name in state.configs:
         raise ConfigError(f"an adapter named {name!r} is already attached; delete it first or choose another name.")
-    modules = list(iter_modules(model))  # one walk of the model, shared by the target searches
-    cfg = expand_targets(model, config, modules)
-    targets = find_targets(model, cfg, method, modules)
-    copies = find_modules_to_save(model, cfg)
-    tokens = find_token_targets(model, cfg, {p for p, _, _ in targets} | {p for p, _ in copies})
+    if method.plan is not None:  # a method that names its own modules (prompt tuning)
+        cfg, targets = method.plan(model, config)
+        copies, tokens = [], []
+    else:
+        modules = list(iter_modules(model))  # one walk of the model, shared by the target searches
+        cfg = expand_targets(model, config, modules)
+        targets = find_targets(model, cfg, method, modules)
+        copies = find_modules_to_save(model, cfg)
+        tokens = find_token_targets(model, cfg, {p for p, _, _ in targets} | {p for p, _ in copies})
     if not targets and not copies and not tokens:
         raise TargetError(
             "the config targets no module: set target_modules, modules_to_save or trainable_token_indices."
@@ -90,6 +94,7 @@ def attach(
             p.requires_grad_(False)
         model.__dict__[STATE_ATTR] = state
     ctx = AttachContext(dtype=dtype, init=init)
+    ctx.shared["model"] = model  # for layers that hook the model itself (prompt tuning)
     for path, module, layer in plan:
         wrapper = module if isinstance(module, layer) else layer(module)
         if wrapper is not module:

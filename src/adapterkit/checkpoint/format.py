@@ -39,8 +39,9 @@ def adapter_tensors(state: AdapterState, name: str) -> dict[str, nn.Parameter]:
     out: dict[str, nn.Parameter] = {}
     for path, wrapper in state.wrappers.items():
         if name in wrapper.adapter_names:
+            absolute = getattr(wrapper, "absolute_keys", False)  # keys without the module path (prompt tuning)
             for suffix, tensor in wrapper.file_tensors(name).items():
-                out[file_key(path, suffix)] = tensor
+                out[suffix if absolute else file_key(path, suffix)] = tensor
     return out
 
 

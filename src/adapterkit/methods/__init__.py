@@ -22,6 +22,8 @@ from .base import AdapterWrapper
 from .lora import LoraEmbedding, LoraLinear
 from .lora_config import LoraConfig
 from .lora_param import LoraParam
+from .prompt_tuning import PromptTuningConfig
+from .prompt_tuning import plan as prompt_tuning_plan
 
 
 @dataclass(frozen=True)
@@ -30,12 +32,15 @@ class Method:
 
     peft_type: the `peft_type` of its files. config: its config class. layers: base-layer kind -> wrapper class.
     summary: optional `(config, tensors) -> list of (label, text)` rows for `adapterkit inspect`.
+    plan: for a method that targets no layers by the config's targeting fields (prompt tuning): `(model, config) ->
+        (config, [(path, module, wrapper class)])`, used by `attach` instead of the target search.
     """
 
     peft_type: str
     config: type[AdapterConfig]
     layers: dict[str, type[AdapterWrapper]]
     summary: Callable[[Any, dict], list[tuple[str, str]]] | None = field(default=None, compare=False)
+    plan: Callable[[Any, Any], tuple[Any, list]] | None = field(default=None, compare=False)
 
     def layer_for(self, kind: str) -> type[AdapterWrapper] | None:
         return self.layers.get(kind)
@@ -95,3 +100,4 @@ def config_from_file(path: str | Path) -> AdapterConfig:
 register(Method("LORA", LoraConfig, {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding,
                                      "parameter": LoraParam}))
 register(Method("ADALORA", AdaLoraConfig, {"linear": AdaLoraLinear, "conv1d": AdaLoraLinear}))
+register(Method("PROMPT_TUNING", PromptTuningConfig, {}, plan=prompt_tuning_plan))
