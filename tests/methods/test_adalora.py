@@ -152,3 +152,16 @@ def test_allocator_needs_an_adalora_adapter():
     with pytest.raises(ak.ConfigError, match="no AdaLoRA adapter named 'default'"):
         ak.RankAllocator(model)
     assert_unchanged(model, before)
+
+
+def test_inspect_shows_the_schedule_and_kept_ranks(tmp_path, capsys):
+    from adapterkit.cli.main import main
+
+    model = ak.attach(tiny_llama(), ak.AdaLoraConfig(**KW))
+    allocator = ak.RankAllocator(model)
+    _train(model, allocator.step)
+    ak.save(model, tmp_path)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "ADALORA (init_r=6, target_r=2" in text and "kept ranks        8 of 24 over 4 layers" in text

@@ -141,3 +141,12 @@ def test_merge_is_refused():
     model = ak.attach(tiny_llama(), ak.PromptTuningConfig(num_virtual_tokens=2))
     with pytest.raises(ak.ConfigError, match="cannot be merged"):
         ak.merge(model)
+
+
+def test_inspect_describes_the_prompt(tmp_path, capsys):
+    from adapterkit.cli.main import main
+
+    ak.save(ak.attach(tiny_llama(), ak.PromptTuningConfig(num_virtual_tokens=3)), tmp_path)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "PROMPT_TUNING (3 virtual tokens of 32, init RANDOM)" in capsys.readouterr().out

@@ -57,6 +57,7 @@ def inspect_command(
     """Show an adapter's method, targets, rank, size, tensors, base fingerprint, vocabulary and ties."""
     from ..checkpoint import read_adapter
     from ..checkpoint.format import WEIGHTS_NAME
+    from ..methods import METHODS
 
     folder, cfg, tensors, metadata = read_adapter(adapter)
     weights = folder / WEIGHTS_NAME
@@ -67,21 +68,23 @@ def inspect_command(
     modules = sorted({_module_of(k) for k in tensors})
     types = sorted({m.rsplit(".", 1)[-1] for m in modules})
 
+    summary = METHODS[cfg.PEFT_TYPE].summary
     rows = [
         ("adapter", str(folder)),
-        ("method", f"{cfg.peft_type} (r={cfg.r}, alpha={cfg.lora_alpha:g}, scale={cfg.scaling_for(''):g}"
-                   f"{', rsLoRA' if cfg.use_rslora else ''}, dropout={cfg.lora_dropout:g})"),
+        *(summary(cfg, tensors) if summary is not None else [
+            ("method", f"{cfg.peft_type} (r={cfg.r}, alpha={cfg.lora_alpha:g}, scale={cfg.scaling_for(''):g}"
+                       f"{', rsLoRA' if cfg.use_rslora else ''}, dropout={cfg.lora_dropout:g})")]),
         ("base model", str(cfg.base_model_name_or_path)),
         ("targets", _targets_text(targets)),
         ("adapted modules", f"{len(modules)} ({', '.join(types)})"),
         ("trainable params", f"{params:,} in {len(tensors)} tensors ({', '.join(dtypes)})"),
         ("file size", f"{human_size(size)} ({size:,} bytes)"),
     ]
-    if cfg.rank_pattern or cfg.alpha_pattern:
+    if summary is None and (cfg.rank_pattern or cfg.alpha_pattern):
         rows.append(("patterns", f"rank {cfg.rank_pattern or '{}'}, alpha {cfg.alpha_pattern or '{}'}"))
     if cfg.modules_to_save:
         rows.append(("modules_to_save", ", ".join(cfg.modules_to_save)))
-    if cfg.trainable_token_indices:
+    if getattr(cfg, "trainable_token_indices", None):
         rows.append(("trainable tokens", _short(cfg.trainable_token_indices)))
     rows += _fingerprint_rows(metadata)
     if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():

@@ -18,12 +18,14 @@ from typing import Any, Callable
 from ..config import AdapterConfig, read_json
 from ..errors import ConfigError
 from .adalora import AdaLoraConfig, AdaLoraLinear
+from .adalora import summary as adalora_summary
 from .base import AdapterWrapper
 from .lora import LoraEmbedding, LoraLinear
 from .lora_config import LoraConfig
 from .lora_param import LoraParam
 from .prompt_tuning import PromptTuningConfig
 from .prompt_tuning import plan as prompt_tuning_plan
+from .prompt_tuning import summary as prompt_tuning_summary
 
 
 @dataclass(frozen=True)
@@ -99,5 +101,6 @@ def config_from_file(path: str | Path) -> AdapterConfig:
 # -- the table -----------------------------------------------------------------------------------------------------
 register(Method("LORA", LoraConfig, {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding,
                                      "parameter": LoraParam}))
-register(Method("ADALORA", AdaLoraConfig, {"linear": AdaLoraLinear, "conv1d": AdaLoraLinear}))
-register(Method("PROMPT_TUNING", PromptTuningConfig, {}, plan=prompt_tuning_plan))
+register(Method("ADALORA", AdaLoraConfig, {"linear": AdaLoraLinear, "conv1d": AdaLoraLinear},
+                summary=adalora_summary))
+register(Method("PROMPT_TUNING", PromptTuningConfig, {}, plan=prompt_tuning_plan, summary=prompt_tuning_summary))

@@ -159,3 +159,14 @@ class AdaLoraLinear(AdapterWrapper):
             keep = torch.tensor(mask, device=a.device)
             a, e, b = a.detach()[keep], e.detach()[keep], b.detach()[:, keep]
         return {"lora_A": a, "lora_B": b, "lora_E": e}
+
+
+def summary(cfg: AdaLoraConfig, tensors: dict) -> list[tuple[str, str]]:
+    """`adapterkit inspect` rows: the schedule and the kept rank per layer."""
+    rows = [("method", f"ADALORA (init_r={cfg.init_r}, target_r={cfg.target_r}, alpha={cfg.lora_alpha:g}, "
+                       f"total_step={cfg.total_step}, dropout={cfg.lora_dropout:g})")]
+    if cfg.rank_pattern:
+        kept = sorted(sum(m) for m in cfg.rank_pattern.values())
+        rows.append(("kept ranks", f"{sum(kept)} of {cfg.init_r * len(kept)} over {len(kept)} layers "
+                                   f"(min {kept[0]}, max {kept[-1]})"))
+    return rows

@@ -196,3 +196,9 @@ class PromptHolder(AdapterWrapper):
     @property
     def num_virtual_tokens(self) -> Any:
         return {n: r.n for n, r in self.records.items()}
+
+
+def summary(cfg: PromptTuningConfig, tensors: dict) -> list[tuple[str, str]]:
+    """`adapterkit inspect` rows."""
+    init = cfg.prompt_tuning_init + (f" {cfg.prompt_tuning_init_text!r}" if cfg.prompt_tuning_init_text else "")
+    return [("method", f"PROMPT_TUNING ({cfg.num_virtual_tokens} virtual tokens of {cfg.token_dim}, init {init})")]
