@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 GIB = 1024**3
+PROFILE = False  # --profile: print the top CUDA ops of two steps per row
 
 # Model shapes. Llama-3.2-1B: tied embeddings, GQA 32/8; SmolLM2-135M: tied, GQA 9/3.
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -46,13 +47,14 @@ class Case:
     targets: object = ALL_LINEAR
     r: int = 16
     dropout: float = 0.0
+    dora: bool = False  # DoRA (use_dora=True) instead of plain LoRA
 
     @property
     def group(self) -> str:
         if self.impl == "base":
             return "frozen base"
         t = "all-linear" if self.targets == ALL_LINEAR else ",".join(t.replace("_proj", "") for t in self.targets)
-        return f"{t} r={self.r} p={self.dropout:g}"
+        return f"{'DoRA ' if self.dora else ''}{t} r={self.r} p={self.dropout:g}"
 
     @property
     def label(self) -> str:
@@ -92,7 +94,8 @@ def attach(model, case: Case):
     if case.impl.startswith("peft"):
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=case.r, lora_alpha=2 * case.r, target_modules=case.targets, lora_dropout=case.dropout)
+        cfg = LoraConfig(r=case.r, lora_alpha=2 * case.r, target_modules=case.targets, lora_dropout=case.dropout,
+                         use_dora=case.dora)
         model = get_peft_model(model, cfg, autocast_adapter_dtype=(case.impl == "peft"))
     else:
         import adapterkit as ak
@@ -100,7 +103,7 @@ def attach(model, case: Case):
 
         set_backend(case.impl.split("-")[1] if "-" in case.impl else "auto")
         ak.attach(model, ak.LoraConfig(r=case.r, lora_alpha=2 * case.r, target_modules=case.targets,
-                                       lora_dropout=case.dropout), name="default")
+                                       lora_dropout=case.dropout, use_dora=case.dora), name="default")
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
@@ -143,6 +146,15 @@ def run_case(case: Case, shape, dtype, device, batch, seq, warmup, steps) -> Res
         b.synchronize()
         times.append(a.elapsed_time(b))
     peak = torch.cuda.max_memory_allocated() / GIB
+    if PROFILE:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+        print(f"-- profile of 2 steps: {case.label}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     del step
     gc.collect()
     torch.cuda.synchronize()
@@ -172,14 +184,14 @@ def run_interleaved(cases: list[Case], shape, dtype, device, batch, seq, warmup,
 def print_table(results: list[Result], cuda: bool):
     base = next(r for r in results if r.case.impl == "base")
     peft_default = {r.case.group: r for r in results if r.case.impl == "peft"}
-    hdr = f"{'config':<44} {'ms':>8} {'x base':>7} {'x PEFT':>7}"
+    hdr = f"{'config':<50} {'ms':>8} {'x base':>7} {'x PEFT':>7}"
     if cuda:
         hdr += f" {'peak GiB':>9} {'+GiB':>6}"
     print(hdr)
     print("-" * len(hdr))
     for r in results:
         pd = peft_default.get(r.case.group)
-        line = f"{r.case.label:<44} {r.ms:8.1f} {r.ms / base.ms:7.3f} {r.ms / pd.ms if pd else float('nan'):7.3f}"
+        line = f"{r.case.label:<50} {r.ms:8.1f} {r.ms / base.ms:7.3f} {r.ms / pd.ms if pd else float('nan'):7.3f}"
         if cuda:
             line += f" {r.peak_gib:9.2f} {r.peak_gib - base.peak_gib:6.2f}"
         print(line)
@@ -220,6 +232,8 @@ def gpu_cases(args) -> list[Case]:
             cases.append(Case(impl, targets, r, p))
         if targets == ALL_LINEAR and r == 16:
             cases += [Case(f"adapterkit-{be}", targets, r, p) for be in args.backends]
+    for p in (0.0, 0.1):
+        cases += [Case(impl, ALL_LINEAR, 16, p, dora=True) for impl in impls]
     if args.only:
         cases = [c for c in cases if c.impl == "base" or any(s in c.label for s in args.only)]
     return cases
@@ -237,6 +251,7 @@ def main_train(args):
         cases = [Case("base")]
         for p in (0.0, 0.1):
             cases += [Case("peft", ALL_LINEAR, 16, p), Case("adapterkit", ALL_LINEAR, 16, p)]
+        cases += [Case("peft", ALL_LINEAR, 16, 0.0, dora=True), Case("adapterkit", ALL_LINEAR, 16, 0.0, dora=True)]
         warmup, steps = args.warmup or 2, args.steps or 7
     env = environment(device)
     print(f"# {env['device']}  torch {env['torch']}  transformers {env['transformers']}  peft {env.get('peft')}  "
@@ -415,7 +430,10 @@ def main():
     ap.add_argument("--steps", type=int)
     ap.add_argument("--rank", type=int, default=16, help="rank for --micro")
     ap.add_argument("--sweep", action="store_true", help="--micro: also sweep Triton launch shapes")
+    ap.add_argument("--profile", action="store_true", help="GPU: print the top CUDA ops of two steps per row")
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     if args.micro:
         main_micro(args)
     else:

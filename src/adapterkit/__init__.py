@@ -11,11 +11,20 @@ from .adalora_schedule import RankAllocator, adalora_callback
 from .checkpoint import LoadReport, load, save
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
+from .export import ExportReport, export
+from .losses import causal_lm_loss, chunked_loss
+from .memory import checkpoint_layers, checkpointed, decoder_layers, uncheckpoint_layers
 from .methods import METHODS, Method, register
 from .methods.adalora import AdaLoraConfig
+from .methods.ia3 import IA3Config
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
 from .methods.lora_config import LoraConfig
+from .methods.oft import OFTConfig
 from .methods.prompt_tuning import PromptTuningConfig
+from .methods.vera import VeraConfig
 from .optim import create_loraplus_optimizer, loraplus_param_groups
+from .routing import AdapterTable, drop_serving_table, routed, serving_table
 from .verbs import (
     active_adapters,
     adapters,
@@ -36,32 +45,49 @@ __all__ = [
     "METHODS",
     "AdaLoraConfig",
     "AdapterConfig",
+    "AdapterTable",
     "AdapterError",
     "AdapterLoadError",
     "AdapterSaveError",
     "ConfigError",
+    "ExportReport",
+    "LoHaConfig",
+    "LoKrConfig",
+    "IA3Config",
     "LoadReport",
     "LoraConfig",
     "MergeError",
+    "OFTConfig",
     "Method",
     "PromptTuningConfig",
     "RankAllocator",
     "TargetError",
+    "VeraConfig",
     "active_adapters",
     "adalora_callback",
+    "causal_lm_loss",
+    "checkpoint_layers",
+    "checkpointed",
+    "chunked_loss",
+    "decoder_layers",
     "adapters",
     "attach",
     "count_parameters",
     "create_loraplus_optimizer",
     "delete",
     "disabled",
+    "drop_serving_table",
+    "export",
     "load",
     "loraplus_param_groups",
     "merge",
     "register",
+    "routed",
     "save",
+    "serving_table",
     "set_active",
     "trainable_parameters",
+    "uncheckpoint_layers",
     "unload",
     "unmerge",
     "vocab",

@@ -100,15 +100,28 @@ def expand_targets(
 
     `modules`: `list(iter_modules(model))` when the caller already has it.
     """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    cfg = _expand_target_list(model, cfg, modules, model_type)
+    # A method's own per-model defaults that depend on the resolved targets (IA3's feedforward_modules).
+    resolve = getattr(cfg, "resolve_for_model", None)
+    if resolve is not None:
+        cfg = resolve(model_type, [name for name, _ in modules if name] if modules is not None else
+                      [name for name, _ in iter_modules(model) if name])
+    return cfg
+
+
+def _expand_target_list(
+    model: nn.Module, cfg: AdapterConfig, modules: list[tuple[str, nn.Module]] | None, model_type: str | None
+) -> AdapterConfig:
     targets = cfg.target_modules
     if targets is None and not cfg.modules_to_save and not getattr(cfg, "target_parameters", None):
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
+        defaults = getattr(cfg, "DEFAULT_TARGETS", DEFAULT_TARGETS)  # a method may carry its own (IA3 does)
+        if model_type not in defaults:
             raise TargetError(
                 "target_modules is not set and there is no default for this model "
                 f"(model_type={model_type!r}); pass e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'."
             )
-        return cfg.replace(target_modules=list(DEFAULT_TARGETS[model_type]))
+        return cfg.replace(target_modules=list(defaults[model_type]))
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         head = output_head(model)
         # Full paths, as PEFT saves them. PEFT applies no layer filter to a path named exactly, so the filter is
@@ -144,6 +157,9 @@ def find_targets(
                 f"target_modules matched {name!r}, a {type(base).__name__}; {method.peft_type} applies to "
                 f"{method.kinds()} layers. Narrow the pattern (e.g. {name}.q_proj)."
             )
+        reason = layer.refuses(base)
+        if reason:
+            raise TargetError(f"{name!r}: {reason}")
         if isinstance(module, AdapterWrapper) and type(module) is not layer:
             raise TargetError(
                 f"{name!r} already carries a {module.method} adapter ({sorted(module.adapter_names)}); adapterkit "

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .losses import chunked_loss, split_head
+from .memory import checkpoint_layers, uncheckpoint_layers
 from .optim import loraplus_param_groups
 from .training_data import IGNORE_INDEX, batches
 from .verbs import trainable_parameters
@@ -32,6 +34,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # clip the adapter gradients' global norm (0 disables)
     seed: int = 0  # adapter init, data order
     max_seconds: float | None = None  # wall-time budget: stop after the step that crosses it; the schedule follows
+    loss_chunk: int | None = None  # tokens per chunk of the output loss (None: the head's logits in one piece)
+    checkpoint: bool = False  # recompute each decoder layer in backward instead of keeping its activations
+    offload: bool = False  # keep what the layers keep for backward in host memory
     loraplus_ratio: float | None = None  # LoRA+: lora_B learns this many times faster than lora_A (optim.py)
 
 
@@ -69,31 +74,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """(decoder returning hidden states, output head) of a transformers causal LM, or None for other models."""
-    prefix = getattr(model, "base_model_prefix", None)
-    decoder = getattr(model, prefix, None) if prefix else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    config = getattr(model, "config", None)
-    # Models that scale or soft-cap logits after the head are left to their own forward.
-    if decoder is None or head is None or decoder is model or getattr(config, "final_logit_softcapping", None) \
-            or getattr(config, "logit_scale", None) or type(model).__name__.endswith("ForConditionalGeneration"):
-        return None
-    return decoder, head
-
-
-def _token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def _token_loss_sum(
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk: int | None = None
+) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over labelled tokens, and their count (so accumulation weights tokens, not batches).
 
     The output head runs only at positions that predict a labelled token: on a chat dataset that is a third of the
-    positions, and the head (vocab x hidden) is a fifth of a small model's compute.
+    positions, and the head (vocab x hidden) is a fifth of a small model's compute. With `chunk`, the head and the
+    loss run that many tokens at a time (losses.chunked_loss): the (tokens, vocab) logits never exist at once.
     """
     targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE_INDEX  # (B, T-1)
-    parts = _split_head(model)
+    parts = split_head(model)
     if parts is not None:
         decoder, head = parts
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]  # (B, T, H)
+        if chunk:
+            loss = chunked_loss(hidden[:, :-1][keep], head, targets[keep], chunk_size=chunk, reduction="sum")
+            return loss, int(keep.sum())
         logits = head(hidden[:, :-1][keep]).float()  # (N, V)
         loss = F.cross_entropy(logits, targets[keep], reduction="sum")
     else:
@@ -105,7 +103,9 @@ def _token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, examples: Sequence[dict], pad_id: int, batch_size: int = 16) -> float | None:
+def evaluate(
+    model: nn.Module, examples: Sequence[dict], pad_id: int, batch_size: int = 16, chunk: int | None = None
+) -> float | None:
     """Mean token loss over `examples` (None when there are none). The model's train/eval mode is restored."""
     if not examples:
         return None
@@ -114,7 +114,7 @@ def evaluate(model: nn.Module, examples: Sequence[dict], pad_id: int, batch_size
     total, count = 0.0, 0
     try:
         for batch in batches(examples, batch_size, pad_id, seed=None):
-            loss, n = _token_loss_sum(model, batch)
+            loss, n = _token_loss_sum(model, batch, chunk)
             total, count = total + float(loss), count + n
     finally:
         model.train(was_training)
@@ -177,7 +177,9 @@ def train(
     # The schedule scales every group's own learning rate (LoRA+ groups keep their ratios to the peak).
     lr_scales = [group["lr"] / cfg.lr for group in optimizer.param_groups]
     result = TrainResult()
-    result.eval_before = evaluate(model, eval_examples, pad_id, cfg.batch_size)
+    result.eval_before = evaluate(model, eval_examples, pad_id, cfg.batch_size, cfg.loss_chunk)
+    if cfg.checkpoint or cfg.offload:
+        checkpoint_layers(model, offload=cfg.offload, recompute=cfg.checkpoint)
 
     stream = _micro_batches(train_examples, cfg.batch_size, pad_id, cfg.seed)
     model.train()
@@ -195,7 +197,7 @@ def train(
             labelled = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group_batches)
             loss_total = 0.0
             for batch in group_batches:
-                loss, _ = _token_loss_sum(model, batch)
+                loss, _ = _token_loss_sum(model, batch, cfg.loss_chunk)
                 (loss / max(labelled, 1)).backward()
                 loss_total += float(loss.detach())
             if regularizer is not None:
@@ -216,11 +218,13 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         result.interrupted = True
     finally:
+        if cfg.checkpoint or cfg.offload:
+            uncheckpoint_layers(model)
         model.eval()
         result.seconds = time.perf_counter() - start
     if not result.interrupted:
         try:
-            result.eval_after = evaluate(model, eval_examples, pad_id, cfg.batch_size)
+            result.eval_after = evaluate(model, eval_examples, pad_id, cfg.batch_size, cfg.loss_chunk)
         except KeyboardInterrupt:  # training itself completed: keep its result, skip the evaluation
             result.interrupted = True
     return result

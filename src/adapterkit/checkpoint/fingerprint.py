@@ -9,23 +9,8 @@ other readers ignore metadata, so the file stays a valid PEFT adapter). It holds
 - `modules`: for every module the adapter targets, the shape and a **weight signature** of its *base* weight
   (the original weight when merged, never a modules_to_save copy).
 
-Weight signature (cheap: 20-60 ms for the 210 linear layers of a 135M model on a busy 2-core CPU; see
-bench/fingerprint_cost.py):
-`SAMPLE` entries (64 runs of 4 consecutive entries) at fixed pseudo-random offsets (a splitmix64 hash of the run
-number, so the same positions at save and load for one shape, on any platform), kept as float16 after division by
-the weight's RMS; plus robust statistics: the RMS of `STATS_SAMPLE` entries (64 runs of 64) and the median |w| of the
-sample. Runs, because the cost is cache misses, not arithmetic. Everything is computed in float32, so a bf16 / fp16
-copy of the base gives the same signature up to rounding. A weight of a vocabulary-sized first dimension that only
-differs in rows (tokens added) is compared over the rows both have.
-
-Comparison, per module (thresholds tested in tests/checkpoint/test_fingerprint.py):
-- "identical": relative L2 difference of the samples <= `IDENTICAL_REL` (1%; a bf16 cast is ~0.3%);
-- "close": correlation >= `SAME_CORR` (0.9) and RMS ratio within `SCALE_RANGE` (0.8..1.25). On the real SmolLM2
-  weights a 4-bit absmax round trip gives correlation >= 0.985 (group 64), >= 0.968 (per channel), NF4 >= 0.993;
-  an untrained model of the same config |corr| <= 0.16 (256 samples: noise ~0.06); weights trained away from the
-  recorded ones (a delta as large as the weight) ~0.7. A fine-tune that moves weights by less than 4-bit
-  quantization noise cannot be told from a quantized copy by any sample, and is reported as "close";
-- "different": anything else.
+How a weight is signed lives in signature.py, what is read off the model in base_record.py, and how a recorded
+fingerprint is compared with a model (per-module verdicts, thresholds) in base_check.py; this file is the public face.
 
 API:
     fp = compute(model, modules=None)             # dict (JSON-ready); modules: paths to sign (default: adapter targets)

@@ -35,13 +35,14 @@ def file_key(module_path: str, suffix: str) -> str:
 
 
 def adapter_tensors(state: AdapterState, name: str) -> dict[str, nn.Parameter]:
-    """Every tensor adapter `name` owns, by file key (live parameters, not copies)."""
+    """Every tensor adapter `name` owns, by file key (live parameters, not copies): each layer's own tensors under
+    its module path, then tensors of the whole adapter under the keys their owning layer gives."""
     out: dict[str, nn.Parameter] = {}
     for path, wrapper in state.wrappers.items():
         if name in wrapper.adapter_names:
-            absolute = getattr(wrapper, "absolute_keys", False)  # keys without the module path (prompt tuning)
             for suffix, tensor in wrapper.file_tensors(name).items():
-                out[suffix if absolute else file_key(path, suffix)] = tensor
+                out[file_key(path, suffix)] = tensor
+            out.update(wrapper.adapter_level_tensors(name))
     return out
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import time
-from pathlib import Path
 
 from rich.console import Console
+
+from .extras import install_hint
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -29,7 +29,6 @@ def pyplot(what: str):
     except ModuleNotFoundError as exc:
         if exc.name != "matplotlib":
             raise
-        from .main import install_hint
 
         console.print(f"{what} skipped: matplotlib is not installed ({install_hint('matplotlib')})", markup=False)
         return None
@@ -90,16 +89,9 @@ def _require_gguf() -> None:
     try:
         import gguf  # noqa: F401
     except ImportError:
-        from .main import install_hint
 
         raise CliError(f"reading a GGUF model needs the gguf package, which is not installed: "
                        f"{install_hint('gguf')}") from None
-
-
-def adapter_folder(path: str | os.PathLike) -> Path:
-    from ..checkpoint.load import locate
-
-    return locate(path)
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:

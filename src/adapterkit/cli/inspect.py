@@ -49,6 +49,16 @@ def delta_norms(cfg, tensors: dict) -> dict[str, float]:
     return norms
 
 
+def method_rows(cfg, tensors: dict) -> list[tuple[str, str]]:
+    """The method's own rows (its table entry's `summary` hook), else one line of its scalar config fields."""
+    from ..methods import METHODS
+
+    method = METHODS.get(str(cfg.peft_type).upper())
+    if method is not None and method.summary is not None:
+        return list(method.summary(cfg, tensors))
+    return [("method", _method_text(cfg))]
+
+
 def inspect_command(
     adapter: Path = typer.Argument(..., metavar="DIR", help="Adapter directory."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a heatmap of ||ΔW|| per module type × layer."),
@@ -56,32 +66,34 @@ def inspect_command(
 ) -> None:
     """Show an adapter's method, targets, rank, size, tensors, base fingerprint, vocabulary and ties."""
     from ..checkpoint import read_adapter
-    from ..checkpoint.format import WEIGHTS_NAME
-    from ..methods import METHODS
+    from ..checkpoint.format import KEY_PREFIX, WEIGHTS_NAME
 
     folder, cfg, tensors, metadata = read_adapter(adapter)
     weights = folder / WEIGHTS_NAME
     size = weights.stat().st_size if weights.is_file() else 0
-    params = sum(t.numel() for t in tensors.values())
+    # Tensors of the whole adapter (no module path: VeRA's frozen shared projections) are listed apart.
+    shared = {k: t for k, t in tensors.items() if not k.startswith(KEY_PREFIX)}
+    params = sum(t.numel() for k, t in tensors.items() if k not in shared)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
     targets = cfg.target_modules
-    modules = sorted({_module_of(k) for k in tensors})
+    containers = _container_names()
+    modules = sorted({m for m in (_module_of(k, containers) for k in tensors) if m is not None})
     types = sorted({m.rsplit(".", 1)[-1] for m in modules})
 
-    summary = METHODS[cfg.PEFT_TYPE].summary
     rows = [
         ("adapter", str(folder)),
-        *(summary(cfg, tensors) if summary is not None else [
-            ("method", f"{cfg.peft_type} (r={cfg.r}, alpha={cfg.lora_alpha:g}, scale={cfg.scaling_for(''):g}"
-                       f"{', rsLoRA' if cfg.use_rslora else ''}, dropout={cfg.lora_dropout:g})")]),
+        *method_rows(cfg, tensors),
         ("base model", str(cfg.base_model_name_or_path)),
         ("targets", _targets_text(targets)),
         ("adapted modules", f"{len(modules)} ({', '.join(types)})"),
-        ("trainable params", f"{params:,} in {len(tensors)} tensors ({', '.join(dtypes)})"),
+        ("trainable params", f"{params:,} in {len(tensors) - len(shared)} tensors ({', '.join(dtypes)})"),
         ("file size", f"{human_size(size)} ({size:,} bytes)"),
     ]
-    if summary is None and (cfg.rank_pattern or cfg.alpha_pattern):
-        rows.append(("patterns", f"rank {cfg.rank_pattern or '{}'}, alpha {cfg.alpha_pattern or '{}'}"))
+    if shared:
+        rows.append(("shared (frozen)", f"{sum(t.numel() for t in shared.values()):,} in {', '.join(sorted(shared))}"))
+    rank_pattern, alpha_pattern = getattr(cfg, "rank_pattern", None), getattr(cfg, "alpha_pattern", None)
+    if rank_pattern or alpha_pattern:
+        rows.append(("patterns", f"rank {rank_pattern or '{}'}, alpha {alpha_pattern or '{}'}"))
     if cfg.modules_to_save:
         rows.append(("modules_to_save", ", ".join(cfg.modules_to_save)))
     if getattr(cfg, "trainable_token_indices", None):
@@ -106,19 +118,47 @@ def inspect_command(
             console.print(f"  {key}  {'x'.join(map(str, t.shape))}  {str(t.dtype).replace('torch.', '')}")
     if plot is not None:
         if not norms:
-            console.print("no LoRA pairs to plot")
+            console.print("no LoRA pairs to plot (the heatmap covers LoRA adapters)")
         elif plot_heatmap(norms, plot, title=f"||ΔW||_F per module: {folder.name}"):
             console.print(f"{'plot':<{width}}  {plot}")
 
 
-def _module_of(key: str) -> str:
+def _method_text(cfg) -> str:
+    """LoRA's rank, alpha and scale; for other methods, their own scalar config fields."""
+    import dataclasses
+
+    from ..config import AdapterConfig
+
+    if hasattr(cfg, "lora_alpha"):  # LoRA and DoRA
+        return (f"{cfg.peft_type} (r={cfg.r}, alpha={cfg.lora_alpha:g}, scale={cfg.scaling_for(''):g}"
+                f"{', rsLoRA' if cfg.use_rslora else ''}, dropout={cfg.lora_dropout:g})")
+    shared = {f.name for f in dataclasses.fields(AdapterConfig)}
+    own = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name not in shared]
+    shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={_short(v) if isinstance(v, list) else v}"
+                      for k, v in own if isinstance(v, (bool, int, float, str, list)))
+    return f"{cfg.peft_type} ({shown})" if shown else cfg.peft_type
+
+
+def _container_names() -> set[str]:
+    """Every method layer's per-adapter attribute names (lora_A, oft_R, ...): a file key's module path ends before
+    them."""
+    from ..methods import METHODS
+
+    return {c for method in METHODS.values() for layer in method.layers.values() for c in layer.containers}
+
+
+def _module_of(key: str, containers: set[str]) -> str | None:
+    """The module path of a file key; None for a tensor of the whole adapter (e.g. VeRA's base_model.vera_A)."""
     from ..checkpoint.format import strip_prefix
 
-    inner = strip_prefix(key) or key
-    for marker in (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".trainable_tokens"):
-        if marker in inner:
-            return inner.split(marker)[0]
-    return inner.rpartition(".")[0]
+    inner = strip_prefix(key)
+    if inner is None:
+        return None
+    module = inner.rpartition(".")[0]  # drop the tensor name (weight, lora_embedding_A, ia3_l, ...)
+    parent, _, last = module.rpartition(".")
+    if parent and last in containers:
+        return parent
+    return module
 
 
 def _targets_text(targets) -> str:

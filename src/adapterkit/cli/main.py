@@ -1,4 +1,4 @@
-"""The `adapterkit` command: a typer app with one sub-command per file (train, generate, inspect, verify, merge).
+"""The `adapterkit` command: a typer app with one sub-command per file (train, generate, inspect, verify, merge, export).
 
 `main()` turns every expected failure (bad input, missing file, unknown model, adapter/base mismatch) into one
 `error: ...` line and a non-zero exit; `--debug` shows the traceback instead. A package of the `cli` extra that is
@@ -12,24 +12,7 @@ import sys
 import warnings
 from functools import lru_cache
 
-# Packages of the `cli` extra (and of `hf`, which it includes) by import name: a command that finds one missing says
-# which extra to install instead of printing an import error.
-EXTRA_OF = {
-    "typer": "cli", "click": "cli", "rich": "cli", "matplotlib": "cli", "gguf": "cli",
-    "transformers": "cli", "tokenizers": "cli",
-}
-
-
-def install_hint(module: str) -> str:
-    """`pip install ...` for the extra that provides `module` (an import name, possibly dotted)."""
-    return f"pip install 'adapterkit[{EXTRA_OF.get(module.split('.')[0], 'cli')}]'"
-
-
-def missing_extra(exc: BaseException) -> str | None:
-    """The top-level name of a missing module that an extra provides, else None."""
-    if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] in EXTRA_OF:
-        return exc.name.split(".")[0]
-    return None
+from .extras import install_hint, missing_extra
 
 
 @lru_cache(maxsize=None)
@@ -39,7 +22,7 @@ def build_app():
 
     app = typer.Typer(
         name="adapterkit",
-        help="LoRA fine-tuning of transformers models, in the PEFT file format.",
+        help="Parameter-efficient fine-tuning (LoRA, DoRA, LoHa, LoKr, IA3, VeRA, OFT) in the PEFT file format.",
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
@@ -52,9 +35,9 @@ def build_app():
         if debug:
             DEBUG["on"] = True
 
-    from . import generate, inspect, merge, train, verify
+    from . import export, generate, inspect, merge, train, verify
 
-    for module in (train, generate, inspect, verify, merge):
+    for module in (train, generate, inspect, verify, merge, export):
         module.register(app)
     return app
 

@@ -1,8 +1,9 @@
-"""`adapterkit train`: fine-tune a LoRA adapter on a JSONL/text file and write it with a JSON log and a loss plot
-(the plot where matplotlib is installed)."""
+"""`adapterkit train`: fine-tune an adapter (LoRA, DoRA, LoHa, LoKr, IA3, VeRA, OFT: any method of the table) on a
+JSONL/text file and write it with a JSON log and a loss plot (the plot where matplotlib is installed)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -27,15 +28,16 @@ def train_command(
                                         "or cached hub id (default: the embedded SmolLM2-135M-Instruct)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="JSONL (chat / prompt-completion / text records) "
                                         "or .txt file (default: the shipped Zephyrine Q7 dataset)."),
-    method: str = typer.Option("lora", "--method", help="Adapter method: 'lora' or 'adalora' (--r is the initial "
-                               "rank, --target-r the average final one)."),
+    method: str = typer.Option("lora", "--method", help="Adapter method: lora, dora, loha, lokr, ia3, vera, oft (any "
+                               "method adapterkit implements)."),
+    r: int = typer.Option(16, "--r", help="Rank (LoRA, DoRA, LoHa, LoKr, VeRA; AdaLoRA's initial rank) or block size "
+                          "(OFT); IA3 has none."),
     target_r: Optional[int] = typer.Option(None, "--target-r", help="AdaLoRA: average rank per layer at the end "
                                            "(default: half of --r)."),
-    r: int = typer.Option(16, "--r", help="LoRA rank."),
-    alpha: float = typer.Option(32, "--alpha", help="LoRA alpha (scale = alpha / r)."),
+    alpha: float = typer.Option(32, "--alpha", help="Alpha (scale = alpha / r)."),
     targets: Optional[list[str]] = typer.Option(None, "--targets", help="Modules to adapt: names or suffixes "
                                                 "(repeat or comma-separate), or 'all-linear' (default)."),
-    dropout: float = typer.Option(0.0, "--dropout", help="LoRA dropout."),
+    dropout: float = typer.Option(0.0, "--dropout", help="Dropout: LoRA's input dropout, LoHa/LoKr's rank dropout."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Adapt only these layer indices, e.g. '15-29' or "
                                          "'0,4,8' (upper layers only also skip the lower layers' backward pass)."),
     max_steps: int = typer.Option(100, "--max-steps", help="Optimizer steps."),
@@ -52,8 +54,14 @@ def train_command(
     loraplus_ratio: Optional[float] = typer.Option(None, "--loraplus-ratio", help="LoRA+: lora_B's learning rate is "
                                                    "this many times --lr (e.g. 16)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
+    loss_chunk: Optional[int] = typer.Option(None, "--loss-chunk", help="Compute the output head and loss this many "
+                                             "tokens at a time (the full logits never exist; for long contexts)."),
+    checkpoint: bool = typer.Option(False, "--checkpoint", help="Recompute each decoder layer in backward instead of "
+                                    "keeping its activations."),
+    offload: bool = typer.Option(False, "--offload", help="Keep what the layers save for backward in host memory "
+                                 "(with --checkpoint: only the layer inputs)."),
 ) -> None:
-    """Fine-tune a LoRA adapter; writes the adapter, training.json and loss.png to --out. Ctrl-C saves the last step."""
+    """Fine-tune an adapter; writes the adapter, training.json and loss.png to --out. Ctrl-C saves the last step."""
     import torch
 
     import adapterkit as ak
@@ -61,11 +69,11 @@ def train_command(
     from .. import training_data as D
     from ..train import TrainConfig, seed_everything, train
 
-    method = method.lower()
-    if method not in ("lora", "adalora"):
-        raise CliError(f"unknown --method {method!r}; choose 'lora' or 'adalora'")
+    if add_tokens and method.lower() not in ("lora", "dora"):
+        raise CliError("--add-tokens trains the new embedding rows with LoRA's trainable tokens; use --method lora")
     for name, value in (("--max-steps", max_steps), ("--batch-size", batch_size), ("--grad-accum", grad_accum),
-                        ("--r", r), ("--max-length", max_length)):
+                        ("--r", r), ("--max-length", max_length),
+                        ("--loss-chunk", 1 if loss_chunk is None else loss_chunk)):
         if value < 1:
             raise CliError(f"{name} must be at least 1, got {value}")
     if loraplus_ratio is not None and not loraplus_ratio > 0:
@@ -73,6 +81,11 @@ def train_command(
     if threads:
         torch.set_num_threads(threads)
 
+    schedule = {}
+    if method.lower() == "adalora":  # its schedule follows the run's length
+        schedule = dict(init_r=r, target_r=target_r or max(r // 2, 1), total_step=max_steps, tinit=max_steps // 10,
+                        tfinal=max_steps // 5)
+    config_for_method(method, r=r, alpha=alpha, dropout=dropout, targets=["probe"], **schedule)  # bad options early
     data_path = data if data is not None else D.default_dataset_path()
     records = D.load_records(data_path)  # checked before the (slower) model load
     t0 = time.perf_counter()
@@ -86,20 +99,12 @@ def train_command(
     seed_everything(seed)
     target_list = _split(targets) or [DEFAULT_TARGETS]
     target_spec = _linear_leaf_names(base) if target_list == [DEFAULT_TARGETS] else target_list
-    common = dict(lora_alpha=alpha, lora_dropout=dropout, target_modules=target_spec,
-                  layers_to_transform=_layer_list(layers), task_type="CAUSAL_LM",
-                  # Only the new rows of the embedding (and a tied head) are trained and saved.
-                  trainable_token_indices=new_ids)
-    if method == "adalora":
-        try:
-            cfg = ak.AdaLoraConfig(init_r=r, target_r=target_r or max(r // 2, 1), total_step=max_steps,
-                                   tinit=max_steps // 10, tfinal=max_steps // 5, **common)
-        except ak.ConfigError as exc:
-            raise CliError(f"--method adalora: {exc}") from None
-    else:
-        cfg = ak.LoraConfig(r=r, **common)
+    extra = {"trainable_token_indices": new_ids} if new_ids else {}  # only the new rows (and a tied head) train
+    extra.update(schedule)
+    cfg = config_for_method(method, r=r, alpha=alpha, dropout=dropout, targets=target_spec,
+                            layers_to_transform=_layer_list(layers), task_type="CAUSAL_LM", **extra)
     ak.attach(base, cfg)
-    allocator = ak.RankAllocator(base) if method == "adalora" else None
+    allocator = ak.RankAllocator(base) if method.lower() == "adalora" else None
     trainable, total = ak.count_parameters(base)
     resolved_targets = ak.adapters(base)["default"].target_modules
 
@@ -108,12 +113,17 @@ def train_command(
         raise CliError(f"{data_path}: no record has a trainable token within --max-length {max_length}")
     train_set, eval_set = D.split_train_eval(examples, eval_fraction, seed=seed)
     console.print(f"data   {data_path} ({len(records)} records: {len(train_set)} train, {len(eval_set)} held out)")
-    console.print(f"lora   r={r} alpha={alpha:g} on {_describe(resolved_targets)}: {trainable:,} trainable of "
+    console.print(f"{method.lower():<6} {_knobs_text(cfg)} on {_describe(resolved_targets)}: {trainable:,} trainable of "
                   f"{total:,} parameters ({100 * trainable / total:.2f}%)")
 
     tcfg = TrainConfig(max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
                        warmup_steps=min(10, max(max_steps // 10, 1)), max_seconds=max_time,
-                       loraplus_ratio=loraplus_ratio)
+                       loss_chunk=loss_chunk, checkpoint=checkpoint, offload=offload, loraplus_ratio=loraplus_ratio)
+    if checkpoint or offload:
+        from ..memory import decoder_layers
+
+        if not decoder_layers(base):
+            raise CliError(f"--checkpoint/--offload: found no decoder layers in {type(base).__name__}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     hooks = {} if allocator is None else {"regularizer": allocator.orth_loss_term,
                                           "after_optimizer_step": allocator.step}
@@ -129,11 +139,12 @@ def train_command(
     log = {
         "model": resolved.name_or_path,
         "data": str(data_path),
-        "config": {"method": method, "r": r, "alpha": alpha, "dropout": dropout, "targets": resolved_targets,
+        "config": {"method": method.lower(), "r": r, "alpha": alpha, "dropout": dropout, "targets": resolved_targets,
                    "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
                    "max_length": max_length, "eval_fraction": eval_fraction, "seed": seed,
                    "layers": _layer_list(layers), "max_time": max_time,
-                   "add_tokens": new_tokens, "loraplus_ratio": loraplus_ratio,
+                   "add_tokens": new_tokens, "loss_chunk": loss_chunk, "checkpoint": checkpoint,
+                   "offload": offload, "loraplus_ratio": loraplus_ratio,
                    **({"adalora_ranks": allocator.ranks()} if allocator is not None else {})},
         "trainable_parameters": trainable,
         "train_examples": len(train_set),
@@ -155,6 +166,74 @@ def train_command(
     written = ", ".join([f"adapter_model.safetensors {human_size(size)}", *(["loss.png"] if plotted else []),
                          "training.json"])
     console.print(f"saved  {saved}/ ({written})")
+
+
+# The CLI's method-independent knobs, and the config field each method calls them (first one the config has).
+_KNOB_FIELDS = {
+    "r": ("r",),
+    "alpha": ("lora_alpha", "alpha"),
+    "dropout": ("lora_dropout", "rank_dropout", "vera_dropout", "oft_dropout", "module_dropout"),
+}
+# Names that are not a peft_type: the method table entry and fixed fields they mean.
+_ALIASES = {"dora": ("LORA", {"use_dora": True})}
+
+
+def _ia3_config(*, r, alpha, dropout, targets, layers_to_transform=None, **fields):
+    from ..methods.ia3 import IA3Config
+
+    if layers_to_transform:
+        raise CliError("--layers is not an IA3 option; pass the wanted modules with --targets")
+    return IA3Config(target_modules=targets, **fields)
+
+
+def _oft_config(*, r, alpha, dropout, targets, **fields):
+    from ..methods.oft import OFTConfig
+
+    # --r is the block size (PEFT's recommended knob); the number of blocks follows from each layer's width.
+    return OFTConfig(r=0, oft_block_size=r, target_modules=targets, **fields)
+
+
+# Methods whose knobs do not map one to one onto --r / --alpha / --dropout.
+_SPECIAL = {"ia3": _ia3_config, "oft": _oft_config}
+
+
+def _knobs_text(cfg) -> str:
+    """The method's size knobs for the console line (r, alpha, block size), whichever it has."""
+    parts = [f"{name}={getattr(cfg, name):g}" for name in ("r", "lora_alpha", "alpha", "oft_block_size")
+             if isinstance(getattr(cfg, name, None), (int, float)) and getattr(cfg, name)]
+    return " ".join(parts) or "vectors"
+
+
+def config_for_method(method: str, *, r: int, alpha: float, dropout: float, targets, **fields):
+    """The config for `--method` from the method table, with the generic knobs put in that method's fields.
+
+    `fields`: more config fields by their own names (layers_to_transform, task_type, ...). A knob the method does
+    not have is refused unless it is left at its default (alpha for a method without one, say).
+    """
+    from ..errors import ConfigError
+    from ..methods import METHODS
+
+    special = _SPECIAL.get(method.lower())
+    if special is not None:
+        return special(r=r, alpha=alpha, dropout=dropout, targets=targets, **fields)
+    peft_type, fixed = _ALIASES.get(method.lower(), (method.upper(), {}))
+    entry = METHODS.get(peft_type)
+    if entry is None:
+        names = sorted({n.lower() for n in METHODS} | set(_ALIASES))
+        raise CliError(f"unknown --method {method!r}; adapterkit implements: {', '.join(names)}")
+    known = {f.name for f in dataclasses.fields(entry.config)}
+    kwargs = {"target_modules": targets, **fixed, **fields}
+    defaults = {"r": 16, "alpha": 32, "dropout": 0.0}
+    for knob, value in (("r", r), ("alpha", alpha), ("dropout", dropout)):
+        name = next((n for n in _KNOB_FIELDS[knob] if n in known), None)
+        if name is not None:
+            kwargs[name] = value
+        elif value != defaults[knob]:
+            raise CliError(f"--{knob} does not apply to --method {method}: {entry.config.__name__} has no such field")
+    try:
+        return entry.config(**kwargs)
+    except (ConfigError, TypeError) as exc:
+        raise CliError(f"--method {method}: {exc}") from exc
 
 
 def _split(values: Optional[list[str]]) -> list[str]:

@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .lora_linear import torch_keep_mask
+from .dora_reference import dora_linear_reference
+from .lora_linear import _scaled_mm, torch_keep_mask
 
 # Rows of W cast to float32 at a time when W is not float32 (bf16/fp16 base): bounds the temporary to this many
 # elements instead of a full float32 copy of W.
@@ -165,11 +166,15 @@ def dora_weight_norm(
             weight_sq_norm = row_sq_norm(weight, fan_in_fan_out)
         if w_lin.dtype == torch.float32:
             wa = w_lin @ a.t()  # (out, r)
+        elif w_lin.is_cuda:
+            # One tensor-core GEMM in the weight's dtype (float32 accumulation, the (out, r) result rounded once);
+            # casting W block by block to float32 was ~1,000 small launches per step on a 1B model.
+            wa = (w_lin @ a.to(w_lin.dtype).t()).float()
         else:
             wa = torch.cat([w_lin[i:j].float() @ a.t() for i, j in _row_blocks(w_lin)])  # (out, r)
-        gram = a @ a.t()  # (r, r)
-        bg = b @ gram  # (out, r)
-        sq = weight_sq_norm.float() + (2.0 * scaling) * (b * wa).sum(1) + (scaling * scaling) * (bg * b).sum(1)
+        # n² = ‖W‖² + rowsum(B ⊙ (2s·W Aᵀ + s²·B (A Aᵀ))): few launches, as this runs per layer per step.
+        cross = torch.addmm(wa, b, a @ a.t(), beta=2.0 * scaling, alpha=scaling * scaling)  # (out, r)
+        sq = torch.linalg.vecdot(b, cross).add_(weight_sq_norm.float())
         return sq.clamp_(min=0.0).sqrt_()  # (out,)
 
 
@@ -191,10 +196,12 @@ class _DoraLinearFn(torch.autograd.Function):
         c_minus_1 = (magnitude.detach().float() / norm - 1.0).to(x.dtype)  # (out,)
 
         xa = xd @ lora_a.t()  # (N, r)
-        y_pre = xd @ w_lin.t()  # (N, out)
-        y_pre.addmm_(xa, lora_b.t(), alpha=scaling)  # += s·(x_d Aᵀ) Bᵀ
+        # s·(x_d Aᵀ) Bᵀ first, then the base GEMM accumulates onto it (beta=1: the add rides in its epilogue).
+        y_pre = _scaled_mm(xa, lora_b.t(), scaling)  # (N, out)
+        y_pre.addmm_(xd, w_lin.t())
         if mask is None:
-            out = torch.addcmul(y_pre, y_pre, c_minus_1)  # c ⊙ y_pre, written as y_pre + (c-1) ⊙ y_pre
+            keeps_y = ctx.needs_input_grad[5] and not (recompute or from_output)
+            out = y_pre * (c_minus_1 + 1) if keeps_y else y_pre.mul_(c_minus_1 + 1)  # c ⊙ y_pre
             if bias is not None:
                 out.add_(bias)
         else:
@@ -232,15 +239,18 @@ class _DoraLinearFn(torch.autograd.Function):
         need_x, need_a, need_b, need_m = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
         s, p = ctx.scaling, ctx.p
         g = dy.reshape(-1, dy.shape[-1])  # (N, out)
-        g_c1 = g * c_minus_1  # (c-1) ⊙ g
-        gc = g_c1 + g  # c ⊙ g
+        gc = g * (c_minus_1 + 1)  # c ⊙ g
+        g_c1 = gc - g if p > 0.0 else None  # (c-1) ⊙ g, only the dropout path needs it
         mask = None
         if p > 0.0 and (need_x or need_a or (need_m and y_pre is None)):
             mask = torch_keep_mask(ctx.x2d_shape, p, ctx.seed, g.device)  # regenerated from the seed, never stored
         dx = da = db = dm = None
         if need_m and ctx.from_output:
-            y_over_n = (out.float() - bias.float()) if bias is not None else out.float()  # (N, out) = c·y_pre
-            dm = (g.float() * y_over_n).sum(0).div_(magnitude.float()).to(ctx.m_dtype)  # Σ g·y_pre / n
+            # Σ_N g ⊙ y_pre / n = Σ_N g ⊙ (out - b) / m: one product pass, reduced in float32.
+            dm = (g * out).sum(0, dtype=torch.float32)
+            if bias is not None:
+                dm -= bias.float() * g.sum(0, dtype=torch.float32)
+            dm = dm.div_(magnitude.float()).to(ctx.m_dtype)
         elif need_m:
             if y_pre is None:  # recompute: x_d W_linᵀ + s·(x_d Aᵀ) Bᵀ
                 xd = x2d * mask * (1.0 / (1.0 - p)) if mask is not None else x2d
@@ -255,11 +265,10 @@ class _DoraLinearFn(torch.autograd.Function):
                 xd = x2d * mask * (1.0 / (1.0 - p)) if mask is not None else x2d
                 da = torch.mm(gcb.t(), xd).mul_(s)  # (r, in)
             if need_x:
+                dx = _scaled_mm(gcb, lora_a, s)  # (N, in), scaled inside the GEMM
                 if mask is None:
-                    dx = torch.mm(gcb, lora_a).mul_(s)
-                    dx.addmm_(gc, w_lin)  # (N, in)
+                    dx.addmm_(gc, w_lin)
                 else:
-                    dx = torch.mm(gcb, lora_a).mul_(s)
                     dx.addmm_(g_c1, w_lin).mul_(mask).mul_(1.0 / (1.0 - p))
                     dx.addmm_(g, w_lin)  # the undropped base path
                 dx = dx.view(*ctx.lead, dx.shape[-1])
@@ -319,8 +328,6 @@ def dora_linear(
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     base_trainable = (weight.requires_grad or (bias is not None and bias.requires_grad)) and torch.is_grad_enabled()
     if base_trainable or torch.is_autocast_enabled(x.device.type):
-        from .dora_reference import dora_linear_reference
-
         mask = torch_keep_mask(x.reshape(-1, x.shape[-1]).shape, p, seed, x.device).view(x.shape) if p else None
         return dora_linear_reference(
             x, weight, bias, lora_a, lora_b, magnitude, scaling, p, p > 0.0, mask, fan_in_fan_out=fan_in_fan_out

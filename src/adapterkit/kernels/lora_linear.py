@@ -22,6 +22,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .recompute import input_recipe
 from .reference import lora_linear_reference
 
 _BACKENDS = ("auto", "torch", "triton")
@@ -152,9 +153,11 @@ class _LoraLinearFn(torch.autograd.Function):
         ctx.scaling, ctx.p, ctx.use_triton = scaling, p, use_triton
         ctx.seed = None if seed_t is not None else seed
         ctx.lead = lead
-        # x only for dA; xa only for dB; the mask only on the plain dropout path; the seed tensor when compiled.
+        # x only for dA, and not even then when backward can rebuild it from what autograd keeps anyway
+        # (recompute.py); xa only for dB; the mask only on the plain dropout path; the seed tensor when compiled.
+        ctx.x_recipe = input_recipe(x) if need_a else None
         ctx.save_for_backward(
-            x2d if need_a else None,
+            x2d if need_a and ctx.x_recipe is None else None,
             weight if need_x else None,
             lora_a if (need_x or need_a) else None,
             lora_b if (need_x or need_a) else None,
@@ -167,6 +170,9 @@ class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2d, weight, lora_a, lora_b, xa, mask, seed_t = ctx.saved_tensors
+        if ctx.x_recipe is not None:
+            # (N, in), bit-identical to the forward's x; the recipe stays for a backward with retain_graph=True.
+            x2d = ctx.x_recipe().reshape(-1, lora_a.shape[1])
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         s, p = ctx.scaling, ctx.p
         dy2d = dy.reshape(-1, dy.shape[-1])  # (N, out)

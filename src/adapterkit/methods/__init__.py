@@ -20,12 +20,18 @@ from ..errors import ConfigError
 from .adalora import AdaLoraConfig, AdaLoraLinear
 from .adalora import summary as adalora_summary
 from .base import AdapterWrapper
+from .ia3 import IA3Config, IA3Conv2d, IA3Linear
 from .lora import LoraEmbedding, LoraLinear
+from . import loha, lokr
+from .loha import LoHaConfig, LoHaLayer
+from .lokr import LoKrConfig, LoKrLayer
 from .lora_config import LoraConfig
 from .lora_param import LoraParam
+from .oft import OFTConfig, OFTConv2d, OFTEmbedding, OFTLinear
 from .prompt_tuning import PromptTuningConfig
 from .prompt_tuning import plan as prompt_tuning_plan
 from .prompt_tuning import summary as prompt_tuning_summary
+from .vera import VeraConfig, VeraLinear
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,11 @@ def config_from_file(path: str | Path) -> AdapterConfig:
 # -- the table -----------------------------------------------------------------------------------------------------
 register(Method("LORA", LoraConfig, {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding,
                                      "parameter": LoraParam}))
+register(Method("LOHA", LoHaConfig, {"linear": LoHaLayer, "conv2d": LoHaLayer}, summary=loha.summary))
+register(Method("LOKR", LoKrConfig, {"linear": LoKrLayer, "conv2d": LoKrLayer}, summary=lokr.summary))
+register(Method("IA3", IA3Config, {"linear": IA3Linear, "conv1d": IA3Linear, "conv2d": IA3Conv2d}))
+register(Method("VERA", VeraConfig, {"linear": VeraLinear, "conv1d": VeraLinear}))
+register(Method("OFT", OFTConfig, {"linear": OFTLinear, "conv2d": OFTConv2d, "embedding": OFTEmbedding}))
 register(Method("ADALORA", AdaLoraConfig, {"linear": AdaLoraLinear, "conv1d": AdaLoraLinear},
                 summary=adalora_summary))
 register(Method("PROMPT_TUNING", PromptTuningConfig, {}, plan=prompt_tuning_plan, summary=prompt_tuning_summary))

@@ -10,6 +10,10 @@ What a method's layer class implements (see methods/lora.py for the full example
                                                # named as PEFT names them (so state_dict keys read like PEFT's)
     add_adapter(name, cfg, path, ctx=None)     # build adapter `name` from its config for the module at `path`
     file_tensors(name) -> {suffix: tensor}     # what the adapter file holds for this module, by PEFT's key suffix
+    adapter_level_tensors(name) -> {key: tensor}   # optional: tensors of the whole adapter (VeRA's shared
+                                               # projections), by full file key; only the layer owning them
+    refuses(base_layer) -> str | None          # optional classmethod: why a module of the right kind cannot be
+                                               # wrapped (asked while targets are found, before the model changes)
     _refresh()                                 # rebuild the hot-path cache from `records`, active and merged names
     forward(...)                               # straight-line over the cache: no lookups by name, no config reads
     delta_weight(name) -> float32 tensor       # the update in the base weight's layout (merge, fingerprint, checks)
@@ -85,11 +89,22 @@ class AdapterWrapper(nn.Module):
         return container
 
     # -- the contract ---------------------------------------------------------------------------------------------
+    @classmethod
+    def refuses(cls, base_layer: nn.Module) -> str | None:
+        """Why this layer class cannot wrap `base_layer` (a message for TargetError), or None. Asked while targets
+        are found, before the model changes; most layers accept every module of their kind."""
+        return None
+
     def add_adapter(self, name: str, cfg: Any, path: str, ctx: AttachContext | None = None) -> None:
         raise NotImplementedError
 
     def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def adapter_level_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Tensors adapter `name` holds for no single layer (shared across layers), by full file key: returned by
+        the one layer that owns them, so they are saved and loaded once. Most methods have none."""
+        return {}
 
     def _refresh(self) -> None:
         raise NotImplementedError

@@ -16,6 +16,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..kernels import lora_linear
 from ..kernels.dora import dora_linear
+from ..kernels.gathered_lora import gathered_embedding, gathered_lora
 from . import dora, lora_init
 from .base import AdapterWrapper, AttachContext
 from .lora_config import LoraConfig
@@ -101,6 +102,9 @@ class LoraLinear(AdapterWrapper):
             # and whether the fused single-adapter kernel applies.
             _active_lora=(),
             _fused=None,
+            # Per-row routing (routing.py sets and clears it): (A table (slots, R, in), B table (slots, out, R),
+            # slot per batch row (rows,)), or None.
+            _routed=None,
         )
         self.lora_A = self._container(nn.ModuleDict)
         self.lora_B = self._container(nn.ModuleDict)
@@ -147,6 +151,9 @@ class LoraLinear(AdapterWrapper):
         self._set_plain(_active_lora=active, _fused=fused)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        routed = self._routed
+        if routed is not None:
+            return gathered_lora(x, routed[0], routed[1], routed[2], self.base_layer(x, *args, **kwargs))
         active = self._active_lora
         base = self.base_layer
         fused = self._fused
@@ -231,7 +238,8 @@ class LoraEmbedding(AdapterWrapper):
         self.lora_embedding_A = self._container(nn.ParameterDict)
         self.lora_embedding_B = self._container(nn.ParameterDict)
         self.lora_magnitude_vector = self._container(nn.ModuleDict)
-        self._set_plain(_active_lora=())
+        # Per-row routing (routing.py): (Aᵀ table (slots, num_embeddings, R), B table (slots, dim, R), slot per row).
+        self._set_plain(_active_lora=(), _routed=None)
 
     def add_adapter(self, name: str, cfg: LoraConfig, path: str, ctx: AttachContext | None = None) -> None:
         r = cfg.rank_for(path)
@@ -269,6 +277,9 @@ class LoraEmbedding(AdapterWrapper):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(ids)
+        routed = self._routed
+        if routed is not None:
+            return gathered_embedding(ids, routed[0], routed[1], routed[2], out)
         for name, magnitude, scaling in self._active_lora:
             a, b = self.factors(name)
             if magnitude is not None:

@@ -103,7 +103,6 @@ class PromptHolder(AdapterWrapper):
 
     method = "PROMPT_TUNING"
     containers = ("prompt_embeddings",)
-    absolute_keys = True  # the file key is `prompt_embeddings`, not `base_model.model.<path>.…`
 
     def __init__(self, base_layer: nn.Embedding, view=None) -> None:
         super().__init__(base_layer, view)
@@ -191,6 +190,10 @@ class PromptHolder(AdapterWrapper):
             raise ConfigError("a prompt-tuning adapter cannot be merged into the weights; it prepends embeddings.")
 
     def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {}
+
+    def adapter_level_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        # PEFT's key has no module path: the prompt belongs to the whole model.
         return {"prompt_embeddings": self._modules["prompt_embeddings"]._parameters[name]}
 
     @property

@@ -1,0 +1,237 @@
+"""Multi-adapter serving benchmark: base vs PEFT vs adapterkit, one adapter and mixed batches, side by side.
+
+GPU (default): a randomly initialised Llama-3.2-1B-shaped model in bf16, random LoRA r=16 on all linear layers.
+- prefill: 32 rows x 256 tokens, 8 adapters mixed (row i -> adapter i % 8);
+- decode: 64 rows x 1 token (one forward of the new token, use_cache=False), 32 adapters mixed;
+rows: frozen base / PEFT one adapter / PEFT mixed (`adapter_names=`) / adapterkit one adapter / adapterkit mixed
+(serving table; on CUDA also the plain-PyTorch gather path), plus a CUDA-graph-captured adapterkit mixed decode step
+(and the base's, for its ratio) and hot-swap latency (put from disk, put from memory). The same adapter files are
+loaded into both libraries, and the mixed outputs of the two are compared.
+`--small`: tiny shapes in fp32 on CPU, seconds. Results go to $OUT/serve.json when OUT is set.
+
+    python bench/serve.py            # GPU table
+    python bench/serve.py --small    # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+import adapterkit as ak  # noqa: E402
+from adapterkit.kernels import gathered_lora as gathered  # noqa: E402
+
+LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, vocab_size=256, tie_word_embeddings=True)
+
+
+def build(shape, dtype, device, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**shape, max_position_embeddings=4096, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def make_adapters(shape, dtype, device, n, r, root: Path) -> list[Path]:
+    """n random LoRA adapters (non-zero B, small) saved in PEFT format; one attach/save per adapter."""
+    model = build(shape, dtype, device)
+    paths = []
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        ak.attach(model, ak.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False),
+                  name=f"a{i}")
+        with torch.no_grad():
+            for p in ak.routing.require_state(model).wrappers.values():
+                p.lora_B[f"a{i}"].weight.mul_(0.02)  # keep logits in a sane range
+        path = root / f"a{i}"
+        ak.save(model, path, names=[f"a{i}"])
+        paths.append(path / f"a{i}" if (path / f"a{i}").is_dir() else path)
+        ak.delete(model, f"a{i}")
+    return paths
+
+
+class Timer:
+    def __init__(self, device):
+        self.cuda = device == "cuda"
+
+    def __call__(self, fn, warmup, iters) -> float:
+        """Median milliseconds of fn() over iters calls."""
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(iters):
+            if self.cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--small", action="store_true", help="tiny shapes, fp32, CPU: a smoke run in seconds")
+    parser.add_argument("--iters", type=int, default=None)
+    args = parser.parse_args()
+    small = args.small or not torch.cuda.is_available()
+    device = "cpu" if small else "cuda"
+    dtype = torch.float32 if small else torch.bfloat16
+    shape = TINY if small else LLAMA_1B
+    prefill = (4, 16, 3) if small else (32, 256, 8)  # rows, tokens, adapters
+    decode = (8, 1, 4) if small else (64, 1, 32)
+    r = 16
+    iters = args.iters or (3 if small else 20)
+    warmup = 1 if small else 5
+    timer = Timer(device)
+    n_adapters = max(prefill[2], decode[2])
+    results: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
+                     "shape": shape, "r": r, "prefill": list(prefill), "decode": list(decode), "ms": {}}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_adapters(shape, dtype, device, n_adapters, r, Path(tmp))
+        names = [f"a{i}" for i in range(n_adapters)]
+
+        # adapterkit: adapters loaded (for the one-adapter path) and a serving table for routed batches.
+        akm = build(shape, dtype, device)
+        for name, path in zip(names, paths):
+            ak.load(akm, path, name=name)
+        table = ak.serving_table(akm, capacity=n_adapters, max_rank=r, names=names)
+
+        import peft
+
+        pm = peft.PeftModel.from_pretrained(build(shape, dtype, device), str(paths[0]), adapter_name=names[0])
+        for name, path in zip(names[1:], paths[1:]):
+            pm.load_adapter(str(path), adapter_name=name)
+        pm.to(dtype).eval()  # bf16 adapters, as adapterkit's (PEFT would upcast them to fp32 by default)
+
+        base = build(shape, dtype, device)
+        gen = torch.Generator(device).manual_seed(1)
+        for phase, (rows, tokens, k) in (("prefill", prefill), ("decode", decode)):
+            ids = torch.randint(0, shape["vocab_size"], (rows, tokens), device=device, generator=gen)
+            route = [names[i % k] for i in range(rows)]
+            ms = {}
+            with torch.inference_mode():
+                ms["base"] = timer(lambda: base(input_ids=ids, use_cache=False), warmup, iters)
+                pm.set_adapter(names[0])
+                ms["peft one adapter"] = timer(lambda: pm(input_ids=ids, use_cache=False), warmup, iters)
+                ms["peft mixed"] = timer(lambda: pm(input_ids=ids, use_cache=False, adapter_names=route), warmup, iters)
+                ak.set_active(akm, names[0])
+                ms["adapterkit one adapter"] = timer(lambda: akm(input_ids=ids, use_cache=False), warmup, iters)
+
+                def routed_call():
+                    with ak.routed(akm, route):  # entering writes the route into the table's index tensor
+                        return akm(input_ids=ids, use_cache=False)
+
+                ms["adapterkit mixed"] = timer(routed_call, warmup, iters)
+                if device == "cuda":
+                    gathered._ENABLED = False
+                    ms["adapterkit mixed (torch gather path)"] = timer(routed_call, warmup, iters)
+                    gathered._ENABLED = True
+                want = pm(input_ids=ids, use_cache=False, adapter_names=route).logits.float()
+                got = routed_call().logits.float()
+                results[f"{phase}_max_rel_diff_vs_peft"] = float((got - want).abs().max() / want.abs().max())
+                plain = base(input_ids=ids, use_cache=False).logits.float()
+                results[f"{phase}_adapter_effect"] = float((got - plain).abs().max() / plain.abs().max())
+                if phase == "decode" and device == "cuda":
+                    ms.update(graph_rows(base, akm, table, ids, route, names, timer, warmup, iters))
+            results["ms"][phase] = ms
+        results["hot_swap_ms"] = swap_latency(table, paths, names, device)
+
+    print_table(results)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "serve.json").write_text(json.dumps(results, indent=2))
+
+
+def graph_rows(base, akm, table, ids, route, names, timer, warmup, iters) -> dict:
+    """CUDA-graph-captured decode steps: the base, and adapterkit mixed (the route changed between replays)."""
+    out = {}
+    for label, model, rows in (("base (CUDA graph)", base, None), ("adapterkit mixed (CUDA graph)", akm, route)):
+        try:
+            ctx = ak.routed(model, rows) if rows is not None else torch.inference_mode()
+            with torch.inference_mode(), ctx:
+                for _ in range(3):
+                    model(input_ids=ids, use_cache=False)  # warm up kernels outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    model(input_ids=ids, use_cache=False)
+                out[label] = timer(graph.replay, warmup, iters)
+                if rows is not None:  # a new route for the same graph: written into the captured index tensor
+                    table.index_for(list(reversed(rows)), ids.device)
+                    graph.replay()
+                    torch.cuda.synchronize()
+        except Exception as exc:  # report and continue: the other rows still mean something
+            out[label] = f"capture failed: {type(exc).__name__}: {str(exc)[:120]}"
+    return out
+
+
+def swap_latency(table, paths, names, device) -> dict:
+    """Replacing a slot's adapter: from a PEFT directory on disk, and from an attached adapter (copy only)."""
+    def timed(fn):
+        times = []
+        for _ in range(5):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    return {"put from disk": timed(lambda: table.put(names[0], paths[1])),
+            "put from attached adapter": timed(lambda: table.put(names[0]))}
+
+
+def print_table(results: dict) -> None:
+    print(f"device {results['device']}, {results['dtype']}, LoRA r={results['r']} on all linear layers")
+    for phase in ("prefill", "decode"):
+        rows, tokens, k = results[phase]
+        ms = results["ms"][phase]
+        base, peft_mixed = ms["base"], ms["peft mixed"]
+        print(f"\n{phase}: {rows}x{tokens}, {k} adapters mixed "
+              f"(adapterkit vs PEFT mixed outputs: max rel diff {results[f'{phase}_max_rel_diff_vs_peft']:.2e}; "
+              f"adapters move the logits by {results[f'{phase}_adapter_effect']:.2e})")
+        print(f"  {'case':40s} {'ms':>9s} {'x base':>8s} {'x PEFT mixed':>13s}")
+        for label, value in ms.items():
+            if isinstance(value, str):
+                print(f"  {label:40s} {value}")
+                continue
+            ref = ms.get("base (CUDA graph)") if "CUDA graph" in label else base
+            ratio = value / ref if isinstance(ref, float) else float("nan")
+            print(f"  {label:40s} {value:9.3f} {ratio:8.2f} {value / peft_mixed:13.2f}")
+    print("\nhot swap (replace one adapter in its slot):")
+    for label, value in results["hot_swap_ms"].items():
+        print(f"  {label:40s} {value:9.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
