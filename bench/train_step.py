@@ -1,11 +1,18 @@
 """Training-step benchmark: frozen base vs PEFT LoRA vs adapterkit LoRA, side by side in one process.
 
-GPU (default): a randomly initialised Llama-3.2-1B-shaped model in bf16, batch 8x1024, sdpa attention.
-`--cpu`: SmolLM2-135M shapes in fp32, batch 2x128. `--micro`: one adapted linear at the 1B model's shapes, kernel
+GPU (default): a randomly initialised Llama-3.2-1B-shaped model in bf16, batch 8x1024, sdpa attention, plus QLoRA
+rows on the same model quantized to NF4 with bitsandbytes (double quantization, bf16 compute): the frozen NF4 base,
+PEFT QLoRA with fp32 and with bf16 adapters, PEFT's documented recipe (prepare_model_for_kbit_training, which
+upcasts every non-quantized weight to fp32 and turns on gradient checkpointing, then fp32 adapters), adapterkit
+QLoRA, and adapterkit after its prepare_for_kbit_training (norms in fp32 only). QLoRA rows' "x base" is against the
+frozen NF4 base. `--cpu`: SmolLM2-135M shapes in fp32, batch 2x128 (`--qlora` adds the NF4 rows). `--small`: a
+2-layer model of hidden 256, to smoke-test the script. `--micro`: one adapted linear at the 1B model's shapes, kernel
 variants timed against the bare base GEMM (GPU only). Results go to $OUT as JSON when OUT is set.
 
-    python bench/train_step.py            # GPU table
+    python bench/train_step.py            # GPU table (LoRA and QLoRA rows)
+    python bench/train_step.py --only nf4 # GPU, QLoRA rows only
     python bench/train_step.py --cpu      # CPU table
+    python bench/train_step.py --cpu --qlora --small --steps 2 --warmup 1   # smoke test of every row, CPU
     python bench/train_step.py --micro    # per-linear kernel variants (GPU)
 """
 
@@ -35,6 +42,9 @@ LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, 
                 intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True)
 SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                     intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
+SMALL = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=512, vocab_size=1024, tie_word_embeddings=True)
+QLORA_IMPLS = ["peft", "peft-bf16", "peft-kbit", "adapterkit", "adapterkit-kbit"]
 ALL_LINEAR = "all-linear"
 QV = ["q_proj", "v_proj"]
 
@@ -43,22 +53,26 @@ QV = ["q_proj", "v_proj"]
 class Case:
     """One row of the table: which library, which adapter settings."""
 
-    impl: str  # "base" | "peft" | "peft-bf16" | "adapterkit" | "adapterkit-torch" | "adapterkit-triton"
+    # "base" | "peft" | "peft-bf16" | "peft-kbit" | "adapterkit" | "adapterkit-torch" | "adapterkit-triton" |
+    # "adapterkit-kbit" (-kbit: the library's prepare-for-k-bit-training helper first)
+    impl: str
     targets: object = ALL_LINEAR
     r: int = 16
     dropout: float = 0.0
+    quant: str = ""  # "" (float base) | "nf4" (bitsandbytes 4-bit base)
     dora: bool = False  # DoRA (use_dora=True) instead of plain LoRA
 
     @property
     def group(self) -> str:
         if self.impl == "base":
-            return "frozen base"
+            return f"frozen {self.quant} base" if self.quant else "frozen base"
         t = "all-linear" if self.targets == ALL_LINEAR else ",".join(t.replace("_proj", "") for t in self.targets)
-        return f"{'DoRA ' if self.dora else ''}{t} r={self.r} p={self.dropout:g}"
+        dora = "DoRA " if self.dora else ""
+        return f"{self.quant + ' ' if self.quant else ''}{dora}{t} r={self.r} p={self.dropout:g}"
 
     @property
     def label(self) -> str:
-        return self.impl if self.impl == "base" else f"{self.group} | {self.impl}"
+        return self.group if self.impl == "base" else f"{self.group} | {self.impl}"
 
 
 @dataclass
@@ -92,16 +106,21 @@ def attach(model, case: Case):
     if case.impl == "base":
         return model, []
     if case.impl.startswith("peft"):
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+        if case.impl == "peft-kbit":
+            model = prepare_model_for_kbit_training(model)  # PEFT's defaults: fp32 upcast + gradient checkpointing
         cfg = LoraConfig(r=case.r, lora_alpha=2 * case.r, target_modules=case.targets, lora_dropout=case.dropout,
                          use_dora=case.dora)
-        model = get_peft_model(model, cfg, autocast_adapter_dtype=(case.impl == "peft"))
+        model = get_peft_model(model, cfg, autocast_adapter_dtype=(case.impl != "peft-bf16"))
     else:
         import adapterkit as ak
         from adapterkit.kernels import set_backend
 
-        set_backend(case.impl.split("-")[1] if "-" in case.impl else "auto")
+        backend = case.impl.split("-")[1] if "-" in case.impl else "auto"
+        set_backend(backend if backend in ("torch", "triton") else "auto")
+        if case.impl == "adapterkit-kbit":
+            ak.prepare_for_kbit_training(model)
         ak.attach(model, ak.LoraConfig(r=case.r, lora_alpha=2 * case.r, target_modules=case.targets,
                                        lora_dropout=case.dropout, use_dora=case.dora), name="default")
     return model, [p for p in model.parameters() if p.requires_grad]
@@ -110,6 +129,12 @@ def attach(model, case: Case):
 def make_step(case: Case, shape, dtype, device, batch, seq):
     """A fresh model for the case and a closure running one training step on it; returns (step, n_trainable)."""
     model = build_model(shape, dtype, device)
+    if case.quant:
+        import adapterkit as ak
+
+        # Every linear layer but the head, as transformers' BitsAndBytesConfig(load_in_4bit=True,
+        # bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype) does.
+        ak.quantize_model(model, case.quant, compute_dtype=dtype)
     ids = torch.randint(0, shape["vocab_size"], (batch, seq), device=device,
                         generator=torch.Generator(device).manual_seed(1))
     model, params = attach(model, case)
@@ -182,7 +207,7 @@ def run_interleaved(cases: list[Case], shape, dtype, device, batch, seq, warmup,
 
 
 def print_table(results: list[Result], cuda: bool):
-    base = next(r for r in results if r.case.impl == "base")
+    bases = {r.case.quant: r for r in results if r.case.impl == "base"}  # QLoRA rows: against the frozen NF4 base
     peft_default = {r.case.group: r for r in results if r.case.impl == "peft"}
     hdr = f"{'config':<50} {'ms':>8} {'x base':>7} {'x PEFT':>7}"
     if cuda:
@@ -191,6 +216,7 @@ def print_table(results: list[Result], cuda: bool):
     print("-" * len(hdr))
     for r in results:
         pd = peft_default.get(r.case.group)
+        base = bases.get(r.case.quant, bases.get(""))
         line = f"{r.case.label:<50} {r.ms:8.1f} {r.ms / base.ms:7.3f} {r.ms / pd.ms if pd else float('nan'):7.3f}"
         if cuda:
             line += f" {r.peak_gib:9.2f} {r.peak_gib - base.peak_gib:6.2f}"
@@ -234,9 +260,14 @@ def gpu_cases(args) -> list[Case]:
             cases += [Case(f"adapterkit-{be}", targets, r, p) for be in args.backends]
     for p in (0.0, 0.1):
         cases += [Case(impl, ALL_LINEAR, 16, p, dora=True) for impl in impls]
+    cases += qlora_cases()
     if args.only:
         cases = [c for c in cases if c.impl == "base" or any(s in c.label for s in args.only)]
     return cases
+
+
+def qlora_cases() -> list[Case]:
+    return [Case("base", quant="nf4")] + [Case(impl, ALL_LINEAR, 16, 0.0, quant="nf4") for impl in QLORA_IMPLS]
 
 
 def main_train(args):
@@ -252,7 +283,13 @@ def main_train(args):
         for p in (0.0, 0.1):
             cases += [Case("peft", ALL_LINEAR, 16, p), Case("adapterkit", ALL_LINEAR, 16, p)]
         cases += [Case("peft", ALL_LINEAR, 16, 0.0, dora=True), Case("adapterkit", ALL_LINEAR, 16, 0.0, dora=True)]
+        if args.qlora:
+            cases += qlora_cases()
         warmup, steps = args.warmup or 2, args.steps or 7
+    if args.small:
+        shape = SMALL
+    if args.only and not cuda:
+        cases = [c for c in cases if c.impl == "base" or any(s in c.label for s in args.only)]
     env = environment(device)
     print(f"# {env['device']}  torch {env['torch']}  transformers {env['transformers']}  peft {env.get('peft')}  "
           f"batch {batch}x{seq} {str(dtype).replace('torch.', '')}  median of {steps} steps after {warmup} warm-up",
@@ -424,6 +461,8 @@ def main():
     ap.add_argument("--backends", nargs="*", default=[], choices=["torch", "triton"],
                     help="also time adapterkit with these kernel backends forced (all-linear r=16 rows)")
     ap.add_argument("--only", nargs="*", help="keep only rows whose label contains one of these")
+    ap.add_argument("--qlora", action="store_true", help="--cpu: add the NF4 (bitsandbytes) rows (GPU: always)")
+    ap.add_argument("--small", action="store_true", help="a 2-layer, hidden-256 model: a quick run of every row")
     ap.add_argument("--batch", type=int)
     ap.add_argument("--seq", type=int)
     ap.add_argument("--warmup", type=int)

@@ -12,6 +12,7 @@ from .checkpoint import LoadReport, load, save
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
 from .export import ExportReport, export
+from .kbit_training import prepare_for_kbit_training
 from .losses import causal_lm_loss, chunked_loss
 from .memory import checkpoint_layers, checkpointed, decoder_layers, uncheckpoint_layers
 from .methods import METHODS, Method, register
@@ -24,8 +25,10 @@ from .methods.oft import OFTConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.vera import VeraConfig
 from .optim import create_loraplus_optimizer, loraplus_param_groups
+from .quantized import dequantize_model, quantize_model
 from .routing import AdapterTable, drop_serving_table, routed, serving_table
 from .verbs import (
+    MergeReport,
     active_adapters,
     adapters,
     attach,
@@ -57,6 +60,7 @@ __all__ = [
     "LoadReport",
     "LoraConfig",
     "MergeError",
+    "MergeReport",
     "OFTConfig",
     "Method",
     "PromptTuningConfig",
@@ -75,12 +79,15 @@ __all__ = [
     "count_parameters",
     "create_loraplus_optimizer",
     "delete",
+    "dequantize_model",
     "disabled",
     "drop_serving_table",
     "export",
     "load",
     "loraplus_param_groups",
     "merge",
+    "prepare_for_kbit_training",
+    "quantize_model",
     "register",
     "routed",
     "save",

@@ -12,8 +12,11 @@ so a quantized `Linear4bit`, which passes `isinstance(nn.Linear)`, is never mist
     view.install_weight(module, w)    # put a float32 weight (same layout) back: a new tensor, quantized if need be
     view.in_place_ok(module)          # may a merge update the stored weight in place (plain float32 storage)?
     view.saved_weight(module) / view.restore_weight(module, saved)   # keep and put back the exact stored weight
+    view.saved_float_weight(module, saved)   # float32 values of a saved weight (dequantized if packed)
+    view.quantized(module)            # packed storage: merges requantize, fingerprints dequantize
+    view.prepare(module)              # called once by `attach` before an adapter wraps the layer (default: nothing)
 
-New base-layer kinds (bitsandbytes, torchao) register with `register_view(view, before=...)`.
+New base-layer kinds register with `register_view(view, before=...)` (bitsandbytes and torchao: quantized.py).
 """
 
 from __future__ import annotations
@@ -75,6 +78,14 @@ class BaseView:
     @staticmethod
     def restore_weight(module: nn.Module, saved: Any) -> None:
         module.weight = saved
+
+    @staticmethod
+    def saved_float_weight(module: nn.Module, saved: Any) -> torch.Tensor:
+        return saved.detach().float()
+
+    @staticmethod
+    def prepare(module: nn.Module) -> None:
+        return None
 
     @staticmethod
     def quantized(module: nn.Module) -> bool:

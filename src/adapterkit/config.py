@@ -21,8 +21,14 @@ from typing import Any, ClassVar
 
 from .errors import ConfigError
 
+try:  # the regex parser, to refuse nested unbounded repeats (exponential backtracking) before matching
+    import re._parser as _regex_parser  # Python >= 3.11
+except ImportError:  # pragma: no cover - older Pythons
+    import sre_parse as _regex_parser  # type: ignore[no-redef]
+
 # Bounds no real adapter reaches, so a damaged or hostile file is refused before anything is allocated.
 MAX_RANK = 16384
+MAX_ALPHA = 1e6  # |lora_alpha| and the like: scaling numerators (real ones are at most a few times the rank)
 MAX_PATTERN_CHARS = 10_000  # one regex or module name
 MAX_LIST_ITEMS = 200_000  # target names, token indices, pattern entries
 MAX_CONFIG_BYTES = 16 * 2**20  # an adapter_config.json
@@ -102,17 +108,53 @@ def check_type(owner: str, key: str, value: Any, kind: str) -> None:
         )
 
 
-def check_pattern(owner: str, key: str, text: str) -> re.Pattern:
-    """Compile a regex from a config, refusing oversized or invalid ones with a message naming the key."""
+def check_pattern(owner: str, key: str, text: str, wrap: str = "{}") -> re.Pattern:
+    """Compile a regex from a config, refusing oversized, invalid or exponential ones with a message naming the key.
+
+    wrap: the form the pattern is used in (e.g. PEFT's `(.*\\.)?({})$` for rank_pattern keys), compiled as such so a
+    pattern valid alone but not in context (a group reference) fails here, not halfway through `attach`.
+    """
     if len(text) > MAX_PATTERN_CHARS:
         raise ConfigError(
             f"{owner}: {key} is a regex of {len(text):,} characters; adapterkit accepts up to {MAX_PATTERN_CHARS:,}. "
             "Use a list of module names instead."
         )
     try:
-        return re.compile(text)
-    except re.error as exc:
+        compiled = re.compile(wrap.format(text))
+        tree = _regex_parser.parse(text)
+    except (re.error, RecursionError, OverflowError, ValueError) as exc:
         raise ConfigError(f"{owner}: {key} {text[:60]!r} is not a valid regular expression ({exc}).") from exc
+    if _nested_repeat(tree, 0):
+        raise ConfigError(
+            f"{owner}: {key} {text[:60]!r} repeats a repeated group (like '(a+)+'), which can take exponential time "
+            "to match; write it without the nested repetition."
+        )
+    return compiled
+
+
+_REPEATS = {_regex_parser.MAX_REPEAT, _regex_parser.MIN_REPEAT, getattr(_regex_parser, "POSSESSIVE_REPEAT", None)}
+
+
+def _nested_repeat(items: Any, depth: int) -> bool:
+    """Whether a parsed regex holds an unbounded repeat inside another repeat (star height > 1)."""
+    for op, arg in items:
+        if op in _REPEATS:
+            low, high, sub = arg
+            unbounded = high == _regex_parser.MAXREPEAT or high > 64
+            if unbounded and depth > 0:
+                return True
+            if _nested_repeat(sub, depth + (1 if unbounded else 0)):
+                return True
+        elif op == _regex_parser.SUBPATTERN:
+            if _nested_repeat(arg[-1], depth):
+                return True
+        elif op == _regex_parser.BRANCH:
+            if any(_nested_repeat(branch, depth) for branch in arg[1]):
+                return True
+        elif op in (_regex_parser.ASSERT, _regex_parser.ASSERT_NOT):
+            if _nested_repeat(arg[1], depth):
+                return True
+    return False
 
 
 @dataclass
@@ -175,15 +217,18 @@ class AdapterConfig:
             check_type(self.name, key, getattr(self, key), kind)
         if str(self.peft_type).upper() != self.PEFT_TYPE:
             raise ConfigError(f"{self.name} got peft_type={self.peft_type!r}; expected {self.PEFT_TYPE!r}.")
-        for key in ("target_modules", "exclude_modules", "layers_pattern"):
+        for key in ("target_modules", "exclude_modules"):
             value = getattr(self, key)
             if isinstance(value, str):
                 check_pattern(self.name, key, value)
             elif value is not None and any(len(v) > MAX_PATTERN_CHARS for v in value):
                 raise ConfigError(f"{self.name}: {key} holds a name over {MAX_PATTERN_CHARS:,} characters.")
-        if self.modules_to_save is not None:
-            for name in self.modules_to_save:
-                check_pattern(self.name, "modules_to_save", name)
+        # Each is used inside a larger regex (targeting.py); compiled in that form so it cannot fail later.
+        layers_pattern = self.layers_pattern
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or ():
+            check_pattern(self.name, "layers_pattern", pattern, r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
+        for name in self.modules_to_save or ():
+            check_pattern(self.name, "modules_to_save", name, r"(^|.*\.){}($|\..*)")
         layers = self.layers_to_transform
         if layers is not None and any(i < 0 for i in ([layers] if isinstance(layers, int) else layers)):
             raise ConfigError(f"{self.name}: layers_to_transform must hold non-negative layer indices, got {layers!r}.")
@@ -283,19 +328,45 @@ def read_json(path: str | os.PathLike) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}): not an adapter config.") from exc
+    return parse_json(text, str(path))
+
+
+def parse_json(text: str, where: str, max_chars: int = MAX_CONFIG_BYTES) -> Any:
+    """JSON text parsed within bounds (size, nesting depth, no repeated keys); ConfigError naming
+    `where` otherwise. Used for adapter configs and for the JSON entries of a weights file's header metadata."""
+    if len(text) > max_chars:
+        raise ConfigError(f"{where} is {len(text):,} characters of JSON; at most {max_chars:,} are accepted.")
     depth = _max_depth(text)
     if depth > MAX_JSON_DEPTH:
-        raise ConfigError(f"{path} nests {depth} levels deep; an adapter config needs at most {MAX_JSON_DEPTH}.")
+        raise ConfigError(f"{where} nests {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted.")
     try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+        return json.loads(text, object_pairs_hook=_no_repeated_keys)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{where} is not valid JSON: {exc}") from exc
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {twice[:60]!r} appears twice in one object")
+    return out
 
 
 def _max_depth(text: str) -> int:
-    """Bracket nesting depth outside strings (linear; run before json.loads so a deep file cannot recurse)."""
+    """Bracket nesting depth outside strings (linear; run before json.loads so a deep file cannot recurse).
+
+    Counted first over every bracket (fast); only when that exceeds the bound are strings left out, so brackets in
+    a regex string do not count. (A bound missed that way still ends in json.loads' RecursionError, caught.)
+    """
+    quick = _depth(text)
+    return quick if quick <= MAX_JSON_DEPTH else _depth(_STRING.sub("", text))
+
+
+def _depth(text: str) -> int:
     depth = best = 0
-    for match in _BRACKET.finditer(_STRING.sub("", text)):
+    for match in _BRACKET.finditer(text):
         depth += 1 if match.group() in "[{" else -1
         best = max(best, depth)
     return best

@@ -10,17 +10,19 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .base_layers import view_of
+from .base_layers import LinearView, view_of
 from .config import AdapterConfig
 from .errors import ConfigError, MergeError, TargetError
 from .methods import method_for
 from .methods.base import AdapterWrapper, AttachContext
 from .methods.modules_to_save import TrainableCopy
 from .methods.trainable_tokens import TiedTokensHead, TrainableTokens
+from .quantized import dequantize_model, to_linear
 from .state import STATE_ATTR, AdapterState, adapter_state, require_state, unwrap
 from .structure import base_of, embeddings_tied, iter_modules, replace_module, shared_tensor_ids
 from .targeting import expand_targets, find_modules_to_save, find_targets, find_token_targets
@@ -96,6 +98,9 @@ def attach(
     ctx = AttachContext(dtype=dtype, init=init)
     ctx.shared["model"] = model  # for layers that hook the model itself (prompt tuning)
     for path, module, layer in plan:
+        view = view_of(module) if not isinstance(module, layer) else None
+        if view is not None:
+            view.prepare(module)  # e.g. a 4-bit layer's training-safe layout (quantized.py)
         wrapper = module if isinstance(module, layer) else layer(module)
         if wrapper is not module:
             replace_module(model, path, wrapper)
@@ -192,17 +197,52 @@ def _check_mergeable(state: AdapterState, names: tuple[str, ...]) -> None:
                     "was changed. Check the training run (learning rate, loss scaling) that produced it."
                 )
             if not torch.isfinite(delta.to(weight_dtype)).all():
+                wider = (
+                    "unload(model, merge=True, dtype=torch.float32) merges without requantizing"
+                    if wrapper.view.quantized(wrapper.base_layer) else "model.float()"
+                )
                 raise MergeError(
                     f"adapter {name!r} at {path!r} overflows {weight_dtype} when merged; merge refused and no weight "
-                    "was changed. Merge into a wider dtype (e.g. model.float())."
+                    f"was changed. Merge into a wider dtype ({wider})."
                 )
 
 
-def merge(model: nn.Module, names: str | list[str] | None = None, *, keep_original: bool = True) -> None:
+@dataclass
+class MergeReport:
+    """What a merge did to quantized layers: each one was dequantized, given its delta and requantized.
+
+    requantization: plain path -> (max |error|, relative error ‖error‖ / ‖merged weight‖), the error being the
+    requantized weight's values minus the exact float merge. Empty when no quantized layer was merged.
+    """
+
+    merged: tuple[str, ...] = ()
+    requantization: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((a for a, _ in self.requantization.values()), default=0.0)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((r for _, r in self.requantization.values()), default=0.0)
+
+    def __str__(self) -> str:
+        if not self.requantization:
+            return f"merged {list(self.merged)} into float weights (no requantization)"
+        return (
+            f"merged {list(self.merged)}; {len(self.requantization)} quantized layers requantized: max |error| "
+            f"{self.max_abs_error:.3g}, max relative error {self.max_rel_error:.3g} (unload(merge=True, "
+            "dtype=torch.bfloat16) merges without requantizing)"
+        )
+
+
+def merge(model: nn.Module, names: str | list[str] | None = None, *, keep_original: bool = True) -> MergeReport:
     """Fold adapters (default: the active ones) into the base weights. `unmerge` restores them bit-exactly.
 
     Weights tied to another module (shared input/output embeddings) are untied for the merged module only, so the
-    merged model computes what the unmerged one did; `tie_word_embeddings` in the model config follows.
+    merged model computes what the unmerged one did; `tie_word_embeddings` in the model config follows. A quantized
+    layer is dequantized, given its delta and requantized with its own settings; the returned MergeReport gives the
+    error that requantization added.
     """
     model = unwrap(model)
     state = require_state(model)
@@ -210,18 +250,26 @@ def merge(model: nn.Module, names: str | list[str] | None = None, *, keep_origin
     unknown = [n for n in chosen if n not in state.configs]
     if unknown:
         raise ConfigError(f"no adapter named {unknown[0]!r}; attached adapters: {sorted(state.configs)}.")
-    _merge(model, state, chosen, keep_original)
+    return _merge(model, state, chosen, keep_original)
 
 
-def _merge(model: nn.Module, state: AdapterState, chosen: tuple[str, ...], keep_original: bool) -> None:
+def _merge(model: nn.Module, state: AdapterState, chosen: tuple[str, ...], keep_original: bool) -> MergeReport:
     if not chosen:
         raise MergeError("no adapter is active, so there is nothing to merge; pass names=[...] or set_active first.")
     _check_mergeable(state, chosen)
     shared = set() if keep_original else shared_tensor_ids(model)
-    for wrapper in state.wrappers.values():
-        names = tuple(n for n in chosen if n in wrapper.adapter_names)
+    report = MergeReport(merged=chosen)
+    for path, wrapper in state.wrappers.items():
+        names = tuple(n for n in chosen if n in wrapper.adapter_names and n not in wrapper.merged_names)
+        base = wrapper.base_layer
+        exact = wrapper.merged_weight(names) if names and wrapper.view.quantized(base) else None
         wrapper.merge(names, keep_original=keep_original, shared=keep_original or id(wrapper.weight) in shared)
+        if exact is not None:
+            error = wrapper.view.float_weight(base) - exact  # (out, in) float32
+            scale = float(exact.norm())
+            report.requantization[path] = (float(error.abs().max()), float(error.norm()) / scale if scale else 0.0)
     _sync_tie_flag(model, state)
+    return report
 
 
 def unmerge(model: nn.Module) -> None:
@@ -235,16 +283,32 @@ def unmerge(model: nn.Module) -> None:
         state.tie_flag_before_merge = None
 
 
-def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+def unload(model: nn.Module, merge: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
     """Remove every adapter and return the same model as a plain module.
 
     merge=False gives back the original model exactly (trained `modules_to_save` copies are dropped too);
     merge=True folds the active adapters in first and keeps trained `modules_to_save` copies in place of the originals.
+    dtype: a full-precision model in `dtype`: every quantized linear layer (adapted or not) becomes a plain nn.Linear
+    holding its dequantized weight (merged in float32 first when merge=True, so nothing is requantized) and every
+    float parameter (not buffers) is cast to `dtype`. Without dtype, merging into a quantized layer requantizes it; the
+    MergeReport is then kept at `model.adapterkit_merge_report`.
     """
     model = unwrap(model)
     state = require_state(model)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ConfigError(f"unload's dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}.")
+    if dtype is not None:
+        unmerge(model)
+        for wrapper in state.wrappers.values():
+            base = wrapper.base_layer
+            if wrapper.view.quantized(base):  # a float32 copy to merge into; cast to dtype at the end
+                wrapper.base_layer = to_linear(base, torch.float32)
+                wrapper._set_plain(view=LinearView)
+                wrapper._refresh()
     if merge:
-        _merge(model, state, state.active, keep_original=False)
+        report = _merge(model, state, state.active, keep_original=False)
+        if report.requantization:
+            model.__dict__["adapterkit_merge_report"] = report
     else:
         unmerge(model)
     for path, wrapper in list(state.wrappers.items()):
@@ -253,6 +317,15 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
             replacement = wrapper._current
         replace_module(model, path, replacement)
     _forget(model, state)
+    if dtype is not None:
+        dequantize_model(model, dtype)
+        # Parameters only: buffers such as rotary inv_freq stay as the model computes them (float32 in transformers).
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "dtype"):
+            config.dtype = dtype
     return model
 
 

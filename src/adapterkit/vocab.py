@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .config import parse_json
+from .errors import AdapterLoadError, ConfigError
 from .state import adapter_state
 from .structure import base_of, embeddings, find_ties
 
@@ -21,6 +22,8 @@ __all__ = ["add_tokens", "embedding_sizes", "embeddings", "find_ties", "read_siz
 
 # Key of the safetensors header metadata entry that records the embedding sizes an adapter was trained with.
 VOCAB_METADATA_KEY = "adapterkit.vocab"
+# Most rows (or widths) a recorded embedding may have; real vocabularies are under a million.
+MAX_ROWS = 2**24
 
 
 def _weight(module: nn.Module | None) -> torch.Tensor | None:
@@ -50,14 +53,44 @@ def sizes_metadata(model: nn.Module) -> dict[str, str]:
     return {VOCAB_METADATA_KEY: json.dumps(sizes, sort_keys=True)} if sizes else {}
 
 
-def read_sizes(metadata: dict[str, str]) -> dict[str, Any] | None:
+def read_sizes(metadata: dict[str, str], where: str = "the weights file") -> dict[str, Any] | None:
+    """The embedding sizes recorded in a file's header metadata, or None when it records none (PEFT-made).
+
+    A present but damaged entry raises AdapterLoadError naming `where`: guessing would resize the model wrongly.
+    """
     text = metadata.get(VOCAB_METADATA_KEY)
-    if not text:
+    if text is None:
         return None
+    entry = f"{where}: metadata {VOCAB_METADATA_KEY!r}"
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return None
+        sizes = parse_json(text, entry, 4096)
+    except ConfigError as exc:
+        raise AdapterLoadError(f"{exc}. The vocabulary record is damaged; re-save the adapter.") from exc
+    problem = _sizes_problem(sizes)
+    if problem:
+        raise AdapterLoadError(
+            f"{entry} is damaged: {problem} (found {text[:120]!r}). Expected e.g. "
+            '{"input": [rows, dim], "output": [rows, dim], "tied": true}; re-save the adapter.'
+        )
+    return sizes
+
+
+def _sizes_problem(sizes: object) -> str:
+    if not isinstance(sizes, dict):
+        return f"a JSON {type(sizes).__name__}, expected an object"
+    unknown = sorted(set(sizes) - {"input", "output", "tied"})
+    if unknown:
+        return f"unknown entr{'y' if len(unknown) == 1 else 'ies'} {', '.join(map(repr, unknown))[:80]}"
+    for side in ("input", "output"):
+        shape = sizes.get(side)
+        if shape is not None and not (
+            isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_ROWS for n in shape)
+        ):
+            return f"{side!r} must be [rows, dim] with sizes from 1 to {MAX_ROWS:,}"
+    if "tied" in sizes and not isinstance(sizes["tied"], bool):
+        return "'tied' must be true or false"
+    return ""
 
 
 def resize(model: nn.Module, rows: int) -> None:

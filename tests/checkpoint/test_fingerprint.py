@@ -293,7 +293,9 @@ def test_metadata_round_trip_and_garbage():
     fp = F.compute(_linear_stack(0), ["0"])
     assert F.from_metadata(F.to_metadata(fp)) == fp
     assert F.from_metadata({}) is None
-    assert F.from_metadata({F.METADATA_KEY: "{not json"}) is None
+    # Damaged is an error, not "no fingerprint": skipping it would silently turn the wrong-base check off.
+    with pytest.raises(ak.AdapterLoadError, match="base_fingerprint.*not valid JSON"):
+        F.from_metadata({F.METADATA_KEY: "{not json"})
 
 
 def test_vocabulary_rows_only_are_left_to_vocab_handling():

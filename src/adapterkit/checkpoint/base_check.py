@@ -1,4 +1,5 @@
-"""Comparing a recorded fingerprint with a model: per-module verdicts and the overall one.
+"""Comparing a recorded fingerprint with a model: per-module verdicts and the overall one; and the layout a recorded
+fingerprint must have before it is compared (`layout_problem`: a damaged one is an error, never skipped).
 
 Per module (thresholds tested in tests/checkpoint/test_fingerprint.py):
 - "identical": relative L2 difference of the samples <= `IDENTICAL_REL` (1%; a bf16 cast is ~0.3%);
@@ -12,12 +13,16 @@ Per module (thresholds tested in tests/checkpoint/test_fingerprint.py):
 
 from __future__ import annotations
 
+import base64
+import binascii
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..errors import AdapterLoadError
 from .base_record import (
     _VOCAB_KEYS,
     base_parameters,
@@ -29,6 +34,8 @@ from .base_record import (
     ties,
 )
 from .signature import SAMPLE, STATS_SAMPLE, _both, _flat_positions, _gather, _measure, _unpack
+
+FINGERPRINT_VERSION = 1  # the layout `layout_problem` checks
 
 IDENTICAL_REL = 0.01
 SAME_CORR = 0.9
@@ -101,6 +108,9 @@ def compare(fp: dict | None, model: nn.Module, *, weights: bool = True) -> BaseC
     """Compare a recorded fingerprint with `model` (plain or with adapters attached). weights=False: structure only."""
     if fp is None:
         return not_verified()
+    problem = layout_problem(fp)
+    if problem:
+        raise AdapterLoadError(f"the base fingerprint is damaged: {problem}.")
     result = BaseCheck(SAME)
     now_config = structural_config(model)
     for key, recorded in sorted(fp.get("config", {}).items()):
@@ -247,3 +257,73 @@ def _verdicts(
         checks.append(ModuleCheck(path, status, c, r, sc))
     return checks
 
+
+# -- layout of a recorded fingerprint (what `compare` may rely on) ------------------------------------------------
+_MAX_DIM = 2**40  # one dimension of a weight
+_SAMPLE_B64 = 4 * math.ceil(SAMPLE * 2 / 3)  # base64 length of SAMPLE float16 values
+
+
+def _is_int(v: object, low: int = 0, high: int = _MAX_DIM) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _is_shape(v: object, low: int = 0) -> bool:
+    return isinstance(v, list) and len(v) <= 8 and all(_is_int(d, low) for d in v) and math.prod(v) <= _MAX_DIM
+
+
+def _is_finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _text(v: object, optional: bool = True) -> bool:
+    return (v is None and optional) or (isinstance(v, str) and len(v) <= 4096)
+
+
+def layout_problem(fp: object) -> str:
+    """What is wrong with a parsed fingerprint, or "" when it has the layout `compute` writes."""
+    if not isinstance(fp, dict):
+        return f"a JSON {type(fp).__name__}, expected an object"
+    version = fp.get("version")
+    if version != FINGERPRINT_VERSION or isinstance(version, bool):
+        return f"'version' is {str(version)[:20]!r}; this adapterkit reads version {FINGERPRINT_VERSION}"
+    for key in ("class", "name_or_path", "revision"):
+        if not _text(fp.get(key)):
+            return f"{key!r} must be a string or null"
+    config = fp.get("config", {})
+    if not isinstance(config, dict) or not all(
+        isinstance(v, (str, bool)) and len(str(v)) <= 4096 or _is_int(v, -_MAX_DIM) for v in config.values()
+    ):
+        return "'config' must map keys to integers, strings or booleans"
+    embeddings = fp.get("embeddings", {})
+    if not isinstance(embeddings, dict) or not all(k in ("input", "output") and _is_shape(v)
+                                                   for k, v in embeddings.items()):
+        return "'embeddings' must map 'input' / 'output' to shapes (lists of sizes)"
+    ties_ = fp.get("ties", [])
+    if not isinstance(ties_, list) or not all(
+        isinstance(g, list) and all(_text(p, optional=False) for p in g) for g in ties_
+    ):
+        return "'ties' must be a list of lists of parameter paths"
+    modules = fp.get("modules", {})
+    if not isinstance(modules, dict):
+        return "'modules' must map module paths to signatures"
+    for path, sig in modules.items():
+        shown = path[:80]
+        if not isinstance(sig, dict):
+            return f"modules[{shown!r}] must be an object"
+        shape = sig.get("shape")
+        if not (shape is None or _is_shape(shape)):
+            return f"modules[{shown!r}].shape must be a list of sizes or null, got {str(shape)[:60]}"
+        if "sample" not in sig:
+            continue
+        sample = sig["sample"]
+        if not _is_shape(shape, low=1) or not isinstance(sample, str) or len(sample) != _SAMPLE_B64:
+            return f"modules[{shown!r}].sample must be {SAMPLE} base64 float16 values of a weight with a shape"
+        try:
+            raw = base64.b64decode(sample, validate=True)
+        except (binascii.Error, ValueError):
+            return f"modules[{shown!r}].sample is not base64"
+        if len(raw) != SAMPLE * 2 or not np.isfinite(np.frombuffer(raw, dtype=np.float16)).all():
+            return f"modules[{shown!r}].sample must hold {SAMPLE} finite float16 values"
+        if not (_is_finite(sig.get("rms")) and _is_finite(sig.get("med_abs", 0))):
+            return f"modules[{shown!r}].rms / med_abs must be finite non-negative numbers"
+    return ""

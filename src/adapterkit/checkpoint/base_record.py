@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..base_layers import BaseView, view_of
+from ..errors import TargetError
 from ..methods.base import AdapterWrapper
 from ..state import adapter_state
 
@@ -34,26 +36,48 @@ STRUCTURAL_KEYS = (
 # Vocabulary size may differ legitimately (tokens added before training, restored by the vocabulary code).
 _VOCAB_KEYS = ("vocab_size",)
 
+# Packages whose tensor subclasses hold packed integers behind a float dtype (Params4bit with a float quant_storage).
+_PACKED_PACKAGES = ("bitsandbytes", "torchao")
+
+
 def plain_path(path: str) -> str:
     return path.replace(".base_layer.", ".").replace(".base_layer", "")
 
 
+def _view(module: nn.Module) -> type[BaseView] | None:
+    try:
+        return view_of(module)
+    except TargetError:  # a quantized layer of a kind adapterkit refuses: not signable, never an error here
+        return None
+
+
 def module_base_weight(module: nn.Module) -> torch.Tensor | None:
-    """The base weight of a (possibly wrapped, possibly merged) module, as it was before any merge."""
+    """The base weight of a (possibly wrapped, possibly merged) module, as it was before any merge.
+
+    A quantized weight (bitsandbytes, torchao) is read dequantized to float32, in whichever layout the layer holds
+    it, so its signature compares with the float base it was quantized from.
+    """
     if isinstance(module, AdapterWrapper):
+        view, base = module.view, module.base_layer
         if module.merged_names and module._unmerged_weight is not None:
-            return module._unmerged_weight
-        weight = getattr(module.base_layer, "weight", None)
+            saved = module._unmerged_weight
+            return view.saved_float_weight(base, saved) if view.quantized(base) else saved
+        weight = getattr(base, "weight", None)
+        if view.quantized(base):
+            weight = view.float_weight(base)
         if module.merged_names and weight is not None and hasattr(module, "delta_weight"):
             # Merged without keeping the original: subtract the deltas again (rare; costs one delta per adapter).
             try:
-                base = weight.detach().float()
+                base_weight = weight.detach().float()
                 for name in module.merged_names:
-                    base = base - module.delta_weight(name)
-                return base
+                    base_weight = base_weight - module.delta_weight(name)
+                return base_weight
             except NotImplementedError:
                 return weight
         return weight
+    view = _view(module)
+    if view is not None and view.quantized(module):
+        return view.float_weight(module)
     weight = getattr(module, "weight", None)
     return weight if isinstance(weight, torch.Tensor) else None
 
@@ -134,4 +158,11 @@ def embedding_shapes(model: nn.Module) -> dict:
 
 
 def signable(weight: torch.Tensor | None) -> bool:
-    return weight is not None and weight.dtype.is_floating_point and weight.numel() > 0 and weight.device.type != "meta"
+    """A plain float tensor with entries (a packed quantized parameter is read through `module_base_weight`)."""
+    return (
+        weight is not None
+        and weight.dtype.is_floating_point
+        and type(weight).__module__.split(".")[0] not in _PACKED_PACKAGES
+        and weight.numel() > 0
+        and weight.device.type != "meta"
+    )

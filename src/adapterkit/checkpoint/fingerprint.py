@@ -14,7 +14,8 @@ fingerprint is compared with a model (per-module verdicts, thresholds) in base_c
 
 API:
     fp = compute(model, modules=None)             # dict (JSON-ready); modules: paths to sign (default: adapter targets)
-    meta = to_metadata(fp); fp = from_metadata(meta)   # {METADATA_KEY: json string} <-> dict (None if absent)
+    meta = to_metadata(fp); fp = from_metadata(meta)   # {METADATA_KEY: json string} <-> dict (None if absent;
+                                                       #  AdapterLoadError if damaged)
     result = compare(fp, model, weights=True)     # -> BaseCheck
     result.verdict        # SAME | DIFFERENT_WEIGHTS | DIFFERENT_MODEL | NOT_VERIFIED
     result.structural     # list of str: structure differences (absent modules, shapes, config keys)
@@ -30,10 +31,13 @@ import json
 
 from torch import nn
 
+from ..config import parse_json
+from ..errors import AdapterLoadError, ConfigError
 from ..state import adapter_state
 from .base_check import (
     DIFFERENT_MODEL,
     DIFFERENT_WEIGHTS,
+    FINGERPRINT_VERSION,
     IDENTICAL_REL,
     NOT_VERIFIED,
     SAME,
@@ -42,6 +46,7 @@ from .base_check import (
     BaseCheck,
     ModuleCheck,
     compare,
+    layout_problem,
     not_verified,
 )
 from .base_record import (
@@ -54,10 +59,11 @@ from .base_record import (
     structural_config,
     ties,
 )
+from .io import MAX_HEADER_BYTES
 from .signature import SAMPLE, STATS_SAMPLE, _positions, signatures
 
 METADATA_KEY = "adapterkit.base_fingerprint"
-VERSION = 1
+VERSION = FINGERPRINT_VERSION
 
 __all__ = [
     "DIFFERENT_MODEL", "DIFFERENT_WEIGHTS", "IDENTICAL_REL", "METADATA_KEY", "NOT_VERIFIED", "SAME", "SAME_CORR",
@@ -69,7 +75,7 @@ __all__ = [
 def compute(model: nn.Module, modules: list[str] | None = None) -> dict:
     """The fingerprint of `model`'s base. `modules`: plain paths to sign (default: every module an adapter wraps)."""
     if modules is None:
-        state = adapteradapter_state(model)
+        state = adapter_state(model)
         modules = sorted(state.wrappers) if state is not None else []
     config = getattr(model, "config", None)
     revision = getattr(config, "_commit_hash", None) if config is not None else None
@@ -100,14 +106,23 @@ def to_metadata(fp: dict) -> dict[str, str]:
     return {METADATA_KEY: json.dumps(fp, separators=(",", ":"), sort_keys=True)}
 
 
-def from_metadata(metadata: dict[str, str] | None) -> dict | None:
-    """The fingerprint stored in a file's metadata, or None when the file has none (PEFT-made) or it is unreadable."""
+def from_metadata(metadata: dict[str, str] | None, where: str = "the weights file") -> dict | None:
+    """The fingerprint stored in a file's metadata, or None when the file has none (PEFT-made).
+
+    A fingerprint that is present but damaged (not JSON, another layout, out-of-range values) raises
+    AdapterLoadError naming `where` and the entry: skipping it would silently turn the wrong-base check off.
+    """
     text = (metadata or {}).get(METADATA_KEY)
-    if not text:
+    if text is None:
         return None
     try:
-        fp = json.loads(text)
-    except ValueError:
-        return None
-    return fp if isinstance(fp, dict) and fp.get("version") == VERSION else None
-
+        fp = parse_json(text, f"{where}: metadata {METADATA_KEY!r}", MAX_HEADER_BYTES)
+    except ConfigError as exc:
+        raise AdapterLoadError(f"{exc}. The base fingerprint is damaged; re-save the adapter.") from exc
+    problem = layout_problem(fp)
+    if problem:
+        raise AdapterLoadError(
+            f"{where}: the base fingerprint (metadata {METADATA_KEY!r}) is damaged: {problem}. Re-save the adapter, "
+            "or pass check_base='off' to load it without checking its base."
+        )
+    return fp

@@ -6,13 +6,14 @@ adapter name (`lora_A.weight`, `lora_embedding_B`, or the module's own `weight` 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..config import MAX_CONFIG_BYTES, parse_json
+from ..errors import AdapterLoadError, ConfigError
 from ..state import AdapterState
 
 CONFIG_NAME = "adapter_config.json"
@@ -46,15 +47,39 @@ def adapter_tensors(state: AdapterState, name: str) -> dict[str, nn.Parameter]:
     return out
 
 
-def expand_aliases(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
-    """The file's tensors plus, for each recorded alias, the shared tensor under the alias key too."""
+def expand_aliases(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str = "the weights file"
+) -> dict[str, torch.Tensor]:
+    """The file's tensors plus, for each recorded alias, the shared tensor under the alias key too.
+
+    A damaged alias entry (not a JSON object of key -> key, an alias naming an absent tensor or shadowing a stored
+    one) raises AdapterLoadError naming `where`: loading it anyway would leave tied parameters without values.
+    """
     text = metadata.get(ALIASES_METADATA_KEY)
-    if not text:
+    if text is None:
         return tensors
+    entry = f"{where}: metadata {ALIASES_METADATA_KEY!r}"
+    try:
+        aliases = parse_json(text, entry, MAX_CONFIG_BYTES)
+    except ConfigError as exc:
+        raise AdapterLoadError(f"{exc}. The alias record is damaged; re-save the adapter.") from exc
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise AdapterLoadError(
+            f"{entry} must map alias keys to stored tensor keys (strings), found {text[:120]!r}; re-save the adapter."
+        )
     out = dict(tensors)
-    for alias, source in json.loads(text).items():
-        if source in tensors and alias not in tensors:
-            out[alias] = tensors[source]
+    for alias, source in aliases.items():
+        if source not in tensors:
+            raise AdapterLoadError(
+                f"{entry} says {alias[:120]!r} shares the tensor {source[:120]!r}, which the file does not hold; "
+                "the file is damaged. Re-save the adapter."
+            )
+        if alias in tensors:
+            raise AdapterLoadError(
+                f"{entry} lists {alias[:120]!r} as an alias of {source[:120]!r}, but the file also stores a tensor "
+                "under that key; the file is ambiguous. Re-save the adapter."
+            )
+        out[alias] = tensors[source]
     return out
 
 

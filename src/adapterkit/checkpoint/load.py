@@ -1,14 +1,17 @@
 """`load`: attach an adapter from a PEFT-format directory and fill its weights, strictly, with a full report.
 
-Everything is checked before any value is copied; on any error the adapter is removed again and the model is left
-exactly as it was.
+Files are read and checked whole (config, tensors, header metadata) before the model is touched; what needs the model
+(shapes after a vocabulary resize) is checked before any value is copied. On any error the model is put back exactly
+as it was (checkpoint/undo.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,11 +22,12 @@ from ..config import AdapterConfig
 from ..errors import AdapterLoadError, ConfigError
 from ..methods import config_from_file, lora_init
 from ..state import adapter_state, unwrap
-from ..verbs import attach, delete, set_active
+from ..verbs import attach, set_active
 from . import fingerprint as F
 from . import report as R
 from .format import (
     CONFIG_NAME,
+    DEFAULT_ADAPTER,
     LEGACY_WEIGHTS_NAME,
     WEIGHTS_NAME,
     adapter_tensors,
@@ -31,45 +35,97 @@ from .format import (
     expand_aliases,
 )
 from .io import read_tensors
+from .undo import ModelUndo
 
 _MAX_LISTED = 8
 
 
+_NAME = re.compile(r"[A-Za-z0-9_\-]{1,128}")
+# A recorded vocabulary may grow the model's embedding by at most this many rows (or 4x its rows, if more): a
+# damaged record must not make `load` allocate gigabytes.
+MAX_ADDED_ROWS = 262_144
+
+
+@dataclass
+class AdapterFiles:
+    """An adapter read from disk and checked as far as the files alone allow (no model involved)."""
+
+    folder: Path
+    weights: Path
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor]  # by file key; aliases of shared tensors expanded
+    metadata: dict[str, str]
+    sizes: dict | None  # embedding sizes it was trained with (vocab.read_sizes)
+
+
 def locate(path: str | os.PathLike, name: str = "default") -> Path:
-    """The folder holding `adapter_config.json` for adapter `name` under `path` (or `path` itself)."""
+    """The folder holding `adapter_config.json` for adapter `name` under `path` (or `path` itself).
+
+    A name other than "default" is looked up in its own sub-folder (PEFT's layout for a multi-adapter save). When that
+    sub-folder exists it is the adapter, exactly: damaged or incomplete, it is an error, never a silent fall-back to
+    the top-level adapter. Only when there is no such sub-folder does the top-level adapter load under `name`.
+    """
     path = Path(path)
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise AdapterLoadError(f"adapter name {str(name)[:60]!r} must be 1-128 letters, digits, '_' or '-'.")
     if path.is_file() and path.name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, CONFIG_NAME):
         path = path.parent
     if not path.exists():
         raise AdapterLoadError(f"no adapter at {path}: the directory does not exist.")
     if not path.is_dir():
         raise AdapterLoadError(f"{path} is a file; pass the adapter directory (holding {CONFIG_NAME}).")
-    # A non-default name first looks in its own sub-folder (PEFT's layout for a multi-adapter save).
-    if name != "default" and (path / name / CONFIG_NAME).is_file():
-        return path / name
-    if (path / CONFIG_NAME).is_file():
-        return path
-    present = sorted(p.name for p in path.iterdir())[:_MAX_LISTED]
+    if name != DEFAULT_ADAPTER and os.path.lexists(path / name):
+        sub = path / name
+        if not sub.is_dir():
+            raise AdapterLoadError(
+                f"adapter {name!r} at {sub} is not a readable folder (a file, or a link to nothing); it is damaged. "
+                "Nothing was loaded."
+            )
+        _require_config(sub, f"adapter {name!r} in {path}")
+        return sub
+    _require_config(path, f"{path}")
+    return path
+
+
+def _require_config(folder: Path, what: str) -> None:
+    config = folder / CONFIG_NAME
+    if config.is_file():
+        return
+    if os.path.lexists(config):
+        raise AdapterLoadError(f"{config} is not a readable file (a link to nothing?); {what} is damaged.")
+    present = sorted(p.name for p in folder.iterdir())[:_MAX_LISTED]
     raise AdapterLoadError(
-        f"no {CONFIG_NAME} in {path} (it holds: {', '.join(present) or 'nothing'}); "
-        "this is not a PEFT/adapterkit adapter directory."
+        f"no {CONFIG_NAME} in {folder} (it holds: {', '.join(present) or 'nothing'}); {what} is not a complete "
+        "PEFT/adapterkit adapter directory."
     )
 
 
 def read_adapter(path: str | os.PathLike, name: str = "default") -> tuple[Path, AdapterConfig, dict, dict]:
-    """(folder, config, tensors by file key, safetensors header metadata) of an adapter on disk."""
+    """(folder, config, tensors by file key, safetensors header metadata) of an adapter on disk, all checked."""
+    files = read_files(path, name)
+    return files.folder, files.config, files.tensors, files.metadata
+
+
+def read_files(path: str | os.PathLike, name: str = "default") -> AdapterFiles:
+    """Read and check everything of an adapter that does not need the model: config, tensors, header metadata."""
     folder = locate(path, name)
+    config_path = folder / CONFIG_NAME
     try:
-        cfg = config_from_file(folder / CONFIG_NAME)
+        cfg = config_from_file(config_path)
     except (ConfigError, TypeError) as exc:
-        raise AdapterLoadError(f"{folder / CONFIG_NAME}: {exc}") from exc
+        text = str(exc)
+        raise AdapterLoadError(text if text.startswith(str(config_path)) else f"{config_path}: {text}") from exc
     weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
+    if not os.path.lexists(weights):
         weights = folder / LEGACY_WEIGHTS_NAME
     if not weights.is_file():
+        if os.path.lexists(weights):
+            raise AdapterLoadError(f"{weights} is not a readable file (a link to nothing?); the adapter is damaged.")
         raise AdapterLoadError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}; the adapter is incomplete.")
     tensors, metadata = read_tensors(weights)
-    return folder, cfg, tensors, metadata
+    tensors = expand_aliases(tensors, metadata, str(weights))
+    sizes = vocab.read_sizes(metadata, str(weights))
+    return AdapterFiles(folder, weights, cfg, tensors, metadata, sizes)
 
 
 def load(
@@ -93,37 +149,45 @@ def load(
         (absent modules, other shapes or config sizes) is an error whatever this says.
     resize: when the file records embeddings of another size (tokens were added before training), resize this
         model's embeddings to match (tying kept; trained rows come from the file). False: raise instead.
-    Raises AdapterLoadError (the model unchanged) on any mismatch; returns a LoadReport otherwise.
+    Raises AdapterLoadError on any mismatch or damaged file, the model then exactly as it was (parameters, buffers,
+    module tree, ties); returns a LoadReport otherwise.
     """
     model = unwrap(model)  # DDP / torch.compile wrappers: load onto the user's model inside
-    folder, cfg, tensors, metadata = read_adapter(path, name)
-    residual_note = _check_residual_base(model, folder, F.from_metadata(metadata), metadata)
-    base_check = _check_base(model, folder, F.from_metadata(metadata), check_base)
+    if check_base not in _CHECK_BASE:
+        raise AdapterLoadError(f"check_base must be one of {_CHECK_BASE}, got {check_base!r}.")
+    # 1. Everything the files alone can tell, before the model is touched.
+    files = read_files(path, name)
+    folder = files.folder
+    fp, fp_note = _fingerprint(files, check_base)
     state = adapter_state(model)
     if state is not None and name in state.configs:
         raise AdapterLoadError(f"an adapter named {name!r} is already attached; delete it or load under another name.")
-    cfg = cfg.replace(inference_mode=not trainable)
-    tensors = expand_aliases(tensors, metadata)
-    rows_before = _match_vocabulary(model, folder, metadata, resize)
+    cfg = files.config.replace(inference_mode=not trainable)
+    # 2. What the model tells, still without changing it.
+    residual_note = _check_residual_base(model, folder, fp, files.metadata)  # PiSSA / OLoRA residual base
+    base_check = _check_base(model, folder, fp, check_base)
+    if fp_note:
+        base_check.notes.insert(0, fp_note)
+    rows = _vocabulary_target(model, files, fp, resize)
     init = getattr(cfg, "init_lora_weights", None)
     # PiSSA / OLoRA: the attach itself never touches the base; a PEFT file (no record of a residual base) gets the
     # residual recomputed from this base after every check passed, as PEFT does when it loads one.
-    recompute = lora_init.is_residual_init(init) and lora_init.RESIDUAL_METADATA_KEY not in metadata
+    recompute = lora_init.is_residual_init(init) and lora_init.RESIDUAL_METADATA_KEY not in files.metadata
+    # 3. Change the model; any failure puts back exactly what was there.
+    undo = ModelUndo(model)
     try:
-        # Strict: every adapter tensor comes from the file (or the load fails), so initialising them would be wasted.
-        attach(model, cfg.replace(init_lora_weights=True) if lora_init.is_residual_init(init) else cfg, name,
-               init=not strict)
-        adapter_state(model).configs[name] = cfg
-    except ConfigError as exc:
-        _undo_resize(model, rows_before)
-        raise AdapterLoadError(f"adapter {folder} does not fit {type(model).__name__}: {exc}") from exc
-
-    try:
-        report, plan = _plan(model, folder, name, tensors, allow_base_overwrite)
+        rows_before = _resize(model, folder, rows)
+        try:
+            # Strict: every adapter tensor comes from the file (or the load fails), so initialising them is wasted.
+            attach(model, cfg.replace(init_lora_weights=True) if lora_init.is_residual_init(init) else cfg, name,
+                   init=not strict)
+            adapter_state(model).configs[name] = cfg
+        except ConfigError as exc:
+            raise AdapterLoadError(f"adapter {folder} does not fit {type(model).__name__}: {exc}") from exc
+        report, plan = _plan(model, folder, name, files.tensors, allow_base_overwrite)
         _check(report, strict)
     except BaseException:
-        delete(model, name)
-        _undo_resize(model, rows_before)
+        undo.restore(name)
         raise
     if recompute:
         for layer in adapter_state(model).wrappers.values():
@@ -153,9 +217,28 @@ def load(
     return report
 
 
-def _match_vocabulary(model: nn.Module, folder: Path, metadata: dict, resize: bool) -> int | None:
-    """Resize the embeddings to the rows the adapter was trained with; the previous row count, or None if unchanged."""
-    recorded = (vocab.read_sizes(metadata) or {}).get("input")
+def _fingerprint(files: AdapterFiles, check_base: str) -> tuple[dict | None, str]:
+    """The file's base fingerprint (None if it has none) and a note; damaged: an error unless check_base='off'."""
+    try:
+        fp = F.from_metadata(files.metadata, str(files.weights))
+    except AdapterLoadError as exc:
+        if check_base != "off":
+            raise
+        return None, f"the file's base fingerprint is damaged and was ignored (check_base='off'): {exc}"
+    recorded = (fp or {}).get("embeddings", {}).get("input")
+    trained = (files.sizes or {}).get("input")
+    if recorded and trained and list(recorded) != list(trained):
+        raise AdapterLoadError(
+            f"{files.weights}: the metadata disagree: {F.METADATA_KEY!r} records an input embedding of {recorded}, "
+            f"{vocab.VOCAB_METADATA_KEY!r} one of {trained}. The file is damaged; re-save the adapter."
+        )
+    return fp, ""
+
+
+def _vocabulary_target(model: nn.Module, files: AdapterFiles, fp: dict | None, resize: bool) -> int | None:
+    """The row count the embeddings must be resized to for this adapter, or None; raises when that is refused."""
+    folder = files.folder
+    recorded = (files.sizes or {}).get("input")
     now = vocab.embedding_sizes(model).get("input")
     if not recorded or not now or recorded[0] == now[0]:
         return None
@@ -167,6 +250,13 @@ def _match_vocabulary(model: nn.Module, folder: Path, metadata: dict, resize: bo
             f"model's has {now[0]}. Nothing was changed. Load with resize=True (the default) to resize the model, "
             f"or call model.resize_token_embeddings({recorded[0]}) first."
         )
+    limit = now[0] + max(MAX_ADDED_ROWS, 4 * now[0])
+    if recorded[0] > limit:
+        raise AdapterLoadError(
+            f"{files.weights} records an embedding of {recorded[0]:,} rows ({vocab.VOCAB_METADATA_KEY!r}); this "
+            f"model's has {now[0]:,}, and adapterkit grows it to at most {limit:,} on load. Nothing was changed. "
+            "The file is damaged, or resize the model yourself (model.resize_token_embeddings) before loading."
+        )
     state = adapter_state(model)
     if state is not None:
         pair = {id(m) for m in vocab.embeddings(model) if m is not None}
@@ -177,19 +267,22 @@ def _match_vocabulary(model: nn.Module, folder: Path, metadata: dict, resize: bo
                 f"{', '.join(wrapped)} carries adapter(s) {sorted(state.configs)} already. Nothing was changed. "
                 "Load this adapter first, or resize the model (model.resize_token_embeddings) before attaching."
             )
+    return recorded[0]
+
+
+def _resize(model: nn.Module, folder: Path, rows: int | None) -> int | None:
+    """Resize the embeddings to `rows` (None: leave them); the previous row count, or None if unchanged."""
+    if rows is None:
+        return None
+    before = vocab.embedding_sizes(model)["input"][0]
     try:
-        vocab.resize(model, recorded[0])
+        vocab.resize(model, rows)
     except (AttributeError, NotImplementedError, RuntimeError) as exc:
         raise AdapterLoadError(
-            f"adapter {folder} needs the embedding resized from {now[0]} to {recorded[0]} rows, and this model "
+            f"adapter {folder} needs the embedding resized from {before} to {rows} rows, and this model "
             f"could not be resized ({exc}). Resize it yourself before loading."
         ) from exc
-    return now[0]
-
-
-def _undo_resize(model: nn.Module, rows_before: int | None) -> None:
-    if rows_before is not None:
-        vocab.resize(model, rows_before)
+    return before
 
 
 _CHECK_BASE = ("error", "warn", "off")
@@ -226,8 +319,6 @@ def _check_residual_base(model: nn.Module, folder: Path, fp: dict | None, metada
 
 def _check_base(model: nn.Module, folder: Path, fp: dict | None, check_base: str) -> F.BaseCheck:
     """Compare the file's base fingerprint with `model` before anything is attached; raise on a mismatch."""
-    if check_base not in _CHECK_BASE:
-        raise AdapterLoadError(f"check_base must be one of {_CHECK_BASE}, got {check_base!r}.")
     if fp is None:
         return F.not_verified("no fingerprint in file")
     result = F.compare(fp, model, weights=check_base != "off")

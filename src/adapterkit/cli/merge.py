@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from ..quantized import QUANT_KINDS
 from .common import CliError, console, human_size, load_base, model_spec_for_adapter, torch_dtype
 
 PROBE = "Tell me about the Zephyrine Q7 kettle."
@@ -26,6 +27,9 @@ def merge_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the adapter's recorded base)."),
     dtype: str = typer.Option("float32", "--dtype", help="dtype of the written weights: float32, bfloat16, float16."),
     check: bool = typer.Option(True, "--check/--no-check", help="Reload the result and compare logits."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="QLoRA adapter: quantize the base as in training "
+                                           "(nf4, fp4, int8; default: what training.json records), merge into its "
+                                           "dequantized weights and write them in --dtype (nothing is requantized)."),
 ) -> None:
     """Merge the adapter in DIR into its base model and save a standalone model (safetensors, config, tokenizer)."""
     import torch
@@ -37,6 +41,9 @@ def merge_command(
 
     target_dtype = torch_dtype(dtype)
     folder, cfg, _, _ = read_adapter(adapter)
+    quantize = (quantize or _trained_quantization(folder) or "").lower() or None
+    if quantize is not None and quantize not in QUANT_KINDS:
+        raise CliError(f"unknown --quantize {quantize!r}; choose one of {', '.join(QUANT_KINDS)}")
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise CliError(f"{out} exists and is not a model directory; choose an empty or new --out")
     base, tokenizer, resolved = load_base(model_spec_for_adapter(cfg.base_model_name_or_path, model))
@@ -44,6 +51,11 @@ def merge_command(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if quantize is not None:
+        try:
+            ak.quantize_model(base, quantize)
+        except ak.ConfigError as err:
+            raise CliError(str(err)) from err
     report = ak.load(base, folder)
     if not report.ok:
         raise CliError(report.summary())
@@ -51,7 +63,9 @@ def merge_command(
     probe = torch.tensor([encode_prompt(tokenizer, PROBE)])  # (1, T)
     with torch.no_grad():
         reference = base(input_ids=probe).logits.float()  # (1, T, V): base + adapter, unmerged
-    ak.unload(base, merge=True)
+    # A quantized base is dequantized to float32 and merged there: the written weights are the ones the adapter was
+    # trained against, plus its update, never requantized.
+    ak.unload(base, merge=True, dtype=torch.float32 if quantize else None)
     with torch.no_grad():
         merged_diff = (base(input_ids=probe).logits.float() - reference).abs().max().item()
     base.to(target_dtype)
@@ -61,8 +75,8 @@ def merge_command(
     tokenizer.save_pretrained(out)
     tied = bool(getattr(base.config, "tie_word_embeddings", False))
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    console.print(f"merged {folder} into {resolved.name_or_path} -> {out}/ ({dtype}, {human_size(size)}, "
-                  f"embeddings {'tied' if tied else 'untied'})")
+    console.print(f"merged {folder} into {resolved.name_or_path}{f' ({quantize}, dequantized)' if quantize else ''} "
+                  f"-> {out}/ ({dtype}, {human_size(size)}, embeddings {'tied' if tied else 'untied'})")
     console.print(f"in-memory merged vs adapter: max |Δlogit| {merged_diff:.2e}")
     if not check:
         return
@@ -82,3 +96,15 @@ def merge_command(
     if status != "ok":
         raise CliError(f"the merged model in {out} does not reproduce the adapter (max |Δlogit| {diff:.3g}, tied "
                        f"{reloaded_tied} vs {tied}); please report this")
+
+
+def _trained_quantization(folder: Path) -> Optional[str]:
+    """The --quantize that `adapterkit train` recorded in training.json, if any."""
+    import json
+
+    log = folder / "training.json"
+    try:
+        value = json.loads(log.read_text(encoding="utf-8")).get("config", {}).get("quantize") if log.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None

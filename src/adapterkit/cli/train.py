@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from ..quantized import QUANT_KINDS
 from .common import CliError, console, human_size, load_base, pyplot
 
 # Defaults tuned on the shipped dataset and SmolLM2-135M on 2 CPU cores: all linear layers at r=16 learn the facts
@@ -60,6 +61,8 @@ def train_command(
                                     "keeping its activations."),
     offload: bool = typer.Option(False, "--offload", help="Keep what the layers save for backward in host memory "
                                  "(with --checkpoint: only the layer inputs)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="QLoRA: quantize the base's linear layers (all "
+                                           "but the output head) with bitsandbytes: nf4, fp4 or int8."),
 ) -> None:
     """Fine-tune an adapter; writes the adapter, training.json and loss.png to --out. Ctrl-C saves the last step."""
     import torch
@@ -80,6 +83,8 @@ def train_command(
         raise CliError(f"--loraplus-ratio must be a positive number, got {loraplus_ratio}")
     if threads:
         torch.set_num_threads(threads)
+    if quantize is not None and quantize.lower() not in QUANT_KINDS:
+        raise CliError(f"unknown --quantize {quantize!r}; choose one of {', '.join(QUANT_KINDS)}")
 
     schedule = {}
     if method.lower() == "adalora":  # its schedule follows the run's length
@@ -95,6 +100,12 @@ def train_command(
 
     new_tokens = _split(add_tokens)
     new_ids = _add_tokens(base, tokenizer, new_tokens) if new_tokens else None
+    if quantize is not None:
+        try:
+            ak.quantize_model(base, quantize.lower())
+        except ak.ConfigError as err:  # bitsandbytes not installed
+            raise CliError(str(err)) from err
+        console.print(f"quant  {quantize.lower()} (bitsandbytes) on every linear layer but the output head")
 
     seed_everything(seed)
     target_list = _split(targets) or [DEFAULT_TARGETS]
@@ -144,7 +155,8 @@ def train_command(
                    "max_length": max_length, "eval_fraction": eval_fraction, "seed": seed,
                    "layers": _layer_list(layers), "max_time": max_time,
                    "add_tokens": new_tokens, "loss_chunk": loss_chunk, "checkpoint": checkpoint,
-                   "offload": offload, "loraplus_ratio": loraplus_ratio,
+                   "offload": offload, "quantize": quantize.lower() if quantize else None,
+                   "loraplus_ratio": loraplus_ratio,
                    **({"adalora_ranks": allocator.ranks()} if allocator is not None else {})},
         "trainable_parameters": trainable,
         "train_examples": len(train_set),

@@ -106,6 +106,8 @@ def config_from_file(path: str | Path) -> AdapterConfig:
 
 # -- the table -----------------------------------------------------------------------------------------------------
 register(Method("LORA", LoraConfig, {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding,
+                                     # quantized linears (quantized.py): LoRA and DoRA over the dequantized weight
+                                     "bnb4bit": LoraLinear, "bnb8bit": LoraLinear, "torchao": LoraLinear,
                                      "parameter": LoraParam}))
 register(Method("LOHA", LoHaConfig, {"linear": LoHaLayer, "conv2d": LoHaLayer}, summary=loha.summary))
 register(Method("LOKR", LoKrConfig, {"linear": LoKrLayer, "conv2d": LoKrLayer}, summary=lokr.summary))

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..config import MAX_LIST_ITEMS, MAX_RANK, AdapterConfig, check_pattern
+from ..config import MAX_ALPHA, MAX_LIST_ITEMS, MAX_RANK, AdapterConfig, check_pattern
 from ..errors import ConfigError
 from .lora_init import is_residual_init
 
@@ -78,6 +78,8 @@ class LoraConfig(AdapterConfig):
         super().validate()
         if self.r <= 0 or self.r > MAX_RANK:
             raise ConfigError(f"r must be a positive integer up to {MAX_RANK}, got {self.r!r}.")
+        if not abs(self.lora_alpha) <= MAX_ALPHA:
+            raise ConfigError(f"lora_alpha must be a number from -{MAX_ALPHA:g} to {MAX_ALPHA:g}, got {self.lora_alpha!r}.")
         if not (0.0 <= self.lora_dropout < 1.0):
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias != "none":
@@ -99,7 +101,8 @@ class LoraConfig(AdapterConfig):
         _check_patterns("rank_pattern", self.rank_pattern, lambda v: isinstance(v, int) and not isinstance(v, bool)
                         and 0 < v <= MAX_RANK, f"a positive integer up to {MAX_RANK}")
         _check_patterns("alpha_pattern", self.alpha_pattern, lambda v: isinstance(v, (int, float))
-                        and not isinstance(v, bool) and math.isfinite(v), "a finite number")
+                        and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= MAX_ALPHA,
+                        f"a number from -{MAX_ALPHA:g} to {MAX_ALPHA:g}")
         if self.trainable_token_indices is not None:
             _check_token_indices(self.trainable_token_indices)
         if self.target_parameters:
@@ -138,7 +141,7 @@ def _check_patterns(key: str, patterns: dict, valid, wanted: str) -> None:
     for pattern, value in patterns.items():
         if not isinstance(pattern, str):
             raise ConfigError(f"{key} keys must be module-name patterns (strings), got {pattern!r}.")
-        check_pattern("LoraConfig", f"{key} key", pattern)
+        check_pattern("LoraConfig", f"{key} key", pattern, r"(.*\.)?({})$")  # as pattern_value uses it
         if not valid(value):
             raise ConfigError(f"{key}[{pattern!r}] must be {wanted}, got {value!r}.")
 
