@@ -68,7 +68,7 @@ def test_unsupported_feature_in_json_is_refused(key, value) -> None:
 
 @pytest.mark.parametrize("kwargs, named", [
     ({"lora_bias": True}, "lora_bias"), ({"r": 0}, "r must"), ({"lora_dropout": 1.0}, "lora_dropout"),
-    ({"bias": "all"}, "bias"), ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+    ({"bias": "all"}, "bias"), ({"init_lora_weights": "corda"}, "init_lora_weights"),
     ({"layers_pattern": "layers"}, "layers_pattern"), ({"peft_type": "IA3"}, "peft_type"),
 ])
 def test_invalid_values_are_refused(kwargs, named) -> None:

@@ -7,6 +7,7 @@
 """
 
 from . import integrations, vocab  # vocab: add_tokens / find_ties; integrations: save_pretrained on adapted models
+from .adalora_schedule import RankAllocator, adalora_callback
 from .checkpoint import LoadReport, load, save
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterLoadError, AdapterSaveError, ConfigError, MergeError, TargetError
@@ -16,12 +17,15 @@ from .losses import causal_lm_loss, chunked_loss
 from .memory import checkpoint_layers, checkpointed, decoder_layers, uncheckpoint_layers
 from .methods import METHODS, Method, register
 from .integrations.hf_load import from_pretrained
+from .methods.adalora import AdaLoraConfig
 from .methods.ia3 import IA3Config
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
 from .methods.lora_config import LoraConfig
 from .methods.oft import OFTConfig
+from .methods.prompt_tuning import PromptTuningConfig
 from .methods.vera import VeraConfig
+from .optim import create_loraplus_optimizer, loraplus_param_groups
 from .quantized import dequantize_model, quantize_model
 from .routing import AdapterTable, drop_serving_table, routed, serving_table
 from .summary import parameter_summary, print_trainable_parameters
@@ -44,6 +48,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "AdaLoraConfig",
     "AdapterConfig",
     "AdapterTable",
     "AdapterError",
@@ -60,9 +65,12 @@ __all__ = [
     "MergeReport",
     "OFTConfig",
     "Method",
+    "PromptTuningConfig",
+    "RankAllocator",
     "TargetError",
     "VeraConfig",
     "active_adapters",
+    "adalora_callback",
     "causal_lm_loss",
     "checkpoint_layers",
     "checkpointed",
@@ -71,6 +79,7 @@ __all__ = [
     "adapters",
     "attach",
     "count_parameters",
+    "create_loraplus_optimizer",
     "delete",
     "dequantize_model",
     "disabled",
@@ -78,6 +87,7 @@ __all__ = [
     "export",
     "from_pretrained",
     "load",
+    "loraplus_param_groups",
     "merge",
     "parameter_summary",
     "prepare_for_kbit_training",

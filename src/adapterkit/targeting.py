@@ -16,6 +16,7 @@ from .config import DEFAULT_TARGETS, AdapterConfig
 from .errors import TargetError
 from .methods import Method
 from .methods.base import AdapterWrapper
+from .methods.lora_param import targeted_names
 from .methods.trainable_tokens import TiedTokensHead, TrainableTokens
 from .structure import base_of, embeddings, iter_modules, output_head, path_of, sample_leaf_names
 
@@ -113,7 +114,7 @@ def _expand_target_list(
     model: nn.Module, cfg: AdapterConfig, modules: list[tuple[str, nn.Module]] | None, model_type: str | None
 ) -> AdapterConfig:
     targets = cfg.target_modules
-    if targets is None and not cfg.modules_to_save:
+    if targets is None and not cfg.modules_to_save and not getattr(cfg, "target_parameters", None):
         defaults = getattr(cfg, "DEFAULT_TARGETS", DEFAULT_TARGETS)  # a method may carry its own (IA3 does)
         if model_type not in defaults:
             raise TargetError(
@@ -166,11 +167,40 @@ def find_targets(
                 "delete the existing adapter first."
             )
         found.append((name, module, layer))
+    found += find_parameter_targets(model, cfg, method, modules, {p for p, _, _ in found})
     if not found and cfg.target_modules:
         raise TargetError(
             f"target_modules={_short(cfg.target_modules)} matched no module of {type(model).__name__}. "
             f"Module names that exist include: {', '.join(sample_leaf_names(model))}."
         )
+    return found
+
+
+def find_parameter_targets(
+    model: nn.Module, cfg: AdapterConfig, method: Method, modules, taken: set[str]
+) -> list[tuple[str, nn.Module, type[AdapterWrapper]]]:
+    """(path, module, wrapper class) for modules owning parameters named by `target_parameters` (LoRA on bare
+    parameters, e.g. fused MoE experts); every name must match some parameter."""
+    wanted = getattr(cfg, "target_parameters", None)
+    if not wanted:
+        return []
+    layer = method.layer_for("parameter")
+    if layer is None:
+        raise TargetError(f"target_parameters is set, but {method.peft_type} cannot adapt bare parameters.")
+    found, matched = [], set()
+    for name, module in modules if modules is not None else iter_modules(model):
+        names = targeted_names(name, base_of(module), wanted) if name else []
+        if not names:
+            continue
+        if name in taken or (isinstance(module, AdapterWrapper) and type(module) is not layer):
+            raise TargetError(f"{name!r} is targeted both as a module and by target_parameters ({names}); "
+                              "choose one.")
+        matched |= {t for t in wanted for n in names if f"{name}.{n}" == t or f"{name}.{n}".endswith("." + t)}
+        found.append((name, module, layer))
+    missing = sorted(set(wanted) - matched)
+    if missing:
+        raise TargetError(f"target_parameters {missing} matched no parameter of {type(model).__name__}; name them "
+                          "as '<module>.<parameter>' (e.g. 'mlp.experts.gate_up_proj').")
     return found
 
 

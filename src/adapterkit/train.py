@@ -19,6 +19,7 @@ from torch import nn
 
 from .losses import chunked_loss, split_head
 from .memory import checkpoint_layers, uncheckpoint_layers
+from .optim import loraplus_param_groups
 from .training_data import IGNORE_INDEX, batches
 from .verbs import trainable_parameters
 
@@ -37,6 +38,7 @@ class TrainConfig:
     loss_chunk: int | None = None  # tokens per chunk of the output loss (None: the head's logits in one piece)
     checkpoint: bool = False  # recompute each decoder layer in backward instead of keeping its activations
     offload: bool = False  # keep what the layers keep for backward in host memory
+    loraplus_ratio: float | None = None  # LoRA+: lora_B learns this many times faster than lora_A (optim.py)
 
 
 @dataclass
@@ -165,6 +167,8 @@ def train(
     on_step: Callable[[StepLog], None] | None = None,
     forward: nn.Module | None = None,
     part: tuple[int, int] = (0, 1),
+    regularizer: Callable[[], torch.Tensor] | None = None,
+    after_optimizer_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train the model's trainable (adapter) parameters on tokenized examples ({"input_ids", "labels"} lists).
 
@@ -178,6 +182,9 @@ def train(
     Every rank draws the same global batches and trains on its rows; the loss is divided by the labelled tokens of
     the whole global batch, so the averaged gradient is the single-process gradient of that batch. The logged loss
     is the global one. `cfg.batch_size` (the global micro-batch) must be divisible by the world size.
+    regularizer: a loss term added once per optimizer step (AdaLoRA's orthogonality term).
+    after_optimizer_step(step): called after each optimizer step, before the gradients are cleared (AdaLoRA's
+    rank allocation).
     """
     cfg = cfg or TrainConfig()
     rank, world = part
@@ -189,7 +196,13 @@ def train(
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters; attach an adapter first")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.loraplus_ratio is not None:
+        groups = loraplus_param_groups(model, cfg.lr, cfg.loraplus_ratio, loraplus_weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The schedule scales every group's own learning rate (LoRA+ groups keep their ratios to the peak).
+    lr_scales = [group["lr"] / cfg.lr for group in optimizer.param_groups]
     result = TrainResult()
     result.eval_before = evaluate(net, eval_examples, pad_id, cfg.batch_size, cfg.loss_chunk, whole)
     if cfg.checkpoint or cfg.offload:
@@ -205,8 +218,8 @@ def train(
                 result.stopped_by_time = True
                 break
             lr = _lr_at(step, cfg, elapsed)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for group, scale in zip(optimizer.param_groups, lr_scales):
+                group["lr"] = lr * scale
             group_batches = [next(stream) for _ in range(cfg.grad_accum)]
             labelled = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group_batches)
             loss_total = 0.0
@@ -217,9 +230,13 @@ def train(
                 loss_total += float(loss.detach())
             if world > 1:
                 loss_total = _summed(loss_total, model)
+            if regularizer is not None:
+                regularizer().backward()
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+            if after_optimizer_step is not None:
+                after_optimizer_step(step)
             optimizer.zero_grad(set_to_none=True)
             result.tokens_seen += sum(int(b["attention_mask"].sum()) for b in group_batches)
             log = StepLog(step + 1, loss_total / max(labelled, 1), lr, labelled, time.perf_counter() - start)

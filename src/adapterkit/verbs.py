@@ -68,16 +68,21 @@ def attach(
     state = adapter_state(model)
     if state is not None and name in state.configs:
         raise ConfigError(f"an adapter named {name!r} is already attached; delete it first or choose another name.")
-    modules = list(iter_modules(model))  # one walk of the model, shared by the target searches
-    cfg = expand_targets(model, config, modules)
-    targets = find_targets(model, cfg, method, modules)
-    copies = find_modules_to_save(model, cfg)
-    tokens = find_token_targets(model, cfg, {p for p, _, _ in targets} | {p for p, _ in copies})
+    if method.plan is not None:  # a method that names its own modules (prompt tuning)
+        cfg, targets = method.plan(model, config)
+        copies, tokens = [], []
+    else:
+        modules = list(iter_modules(model))  # one walk of the model, shared by the target searches
+        cfg = expand_targets(model, config, modules)
+        targets = find_targets(model, cfg, method, modules)
+        copies = find_modules_to_save(model, cfg)
+        tokens = find_token_targets(model, cfg, {p for p, _, _ in targets} | {p for p, _ in copies})
     if not targets and not copies and not tokens:
         raise TargetError(
             "the config targets no module: set target_modules, modules_to_save or trainable_token_indices."
         )
-    if hasattr(cfg, "fan_in_fan_out") and any(view_of(base_of(m)).fan_in_fan_out for _, m, _ in targets):
+    if hasattr(cfg, "fan_in_fan_out") and any(getattr(view_of(base_of(m)), "fan_in_fan_out", False)
+                                              for _, m, _ in targets):  # bare-parameter targets have no view
         cfg = cfg.replace(fan_in_fan_out=True)  # recorded in the file as PEFT does; handled per layer
     if cfg.base_model_name_or_path is None:
         cfg = cfg.replace(base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None)
@@ -98,6 +103,7 @@ def attach(
         for install, _ in MODEL_HOOKS:
             install(model)
     ctx = AttachContext(dtype=dtype, init=init)
+    ctx.shared["model"] = model  # for layers that hook the model itself (prompt tuning)
     for path, module, layer in plan:
         view = view_of(module) if not isinstance(module, layer) else None
         if view is not None:

@@ -7,6 +7,7 @@ as it was (checkpoint/undo.py).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -19,7 +20,7 @@ from torch import nn
 from .. import distributed, vocab
 from ..config import AdapterConfig
 from ..errors import AdapterLoadError, ConfigError
-from ..methods import config_from_file
+from ..methods import config_from_file, lora_init
 from ..state import adapter_state, unwrap
 from ..verbs import attach, set_active
 from . import fingerprint as F
@@ -163,17 +164,24 @@ def load(
         raise AdapterLoadError(f"an adapter named {name!r} is already attached; delete it or load under another name.")
     cfg = files.config.replace(inference_mode=not trainable)
     # 2. What the model tells, still without changing it.
+    residual_note = _check_residual_base(model, folder, fp, files.metadata)  # PiSSA / OLoRA residual base
     base_check = _check_base(model, folder, fp, check_base)
     if fp_note:
         base_check.notes.insert(0, fp_note)
     rows = _vocabulary_target(model, files, fp, resize)
+    init = getattr(cfg, "init_lora_weights", None)
+    # PiSSA / OLoRA: the attach itself never touches the base; a PEFT file (no record of a residual base) gets the
+    # residual recomputed from this base after every check passed, as PEFT does when it loads one.
+    recompute = lora_init.is_residual_init(init) and lora_init.RESIDUAL_METADATA_KEY not in files.metadata
     # 3. Change the model; any failure puts back exactly what was there.
     undo = ModelUndo(model)
     try:
         rows_before = _resize(model, folder, rows)
         try:
             # Strict: every adapter tensor comes from the file (or the load fails), so initialising them is wasted.
-            attach(model, cfg, name, init=not strict)
+            attach(model, cfg.replace(init_lora_weights=True) if lora_init.is_residual_init(init) else cfg, name,
+                   init=not strict)
+            adapter_state(model).configs[name] = cfg
         except ConfigError as exc:
             raise AdapterLoadError(f"adapter {folder} does not fit {type(model).__name__}: {exc}") from exc
         report, plan = _plan(model, folder, name, files.tensors, allow_base_overwrite)
@@ -181,9 +189,21 @@ def load(
     except BaseException:
         undo.restore(name)
         raise
+    if recompute:
+        for layer in adapter_state(model).wrappers.values():
+            if name in layer.records and "lora_A" in layer._modules:  # LoRA linear layers (PEFT: the same)
+                lora_init.init_residual(layer, name, init)
+        residual_note = (f"{lora_init.method_name(init)}: the file does not record its residual base (PEFT-made); "
+                         "the base weights were replaced by the residual recomputed from this model, as PEFT does"
+                         + (" (randomised SVD: not the exact residual trained on)" if init.startswith("pissa_") else ""))
     with torch.no_grad():
         for live, value in plan:
             distributed.assign(live, value)  # a sharded (FSDP2) parameter takes its own part of the file's tensor
+    if residual_note:
+        report.notes.append(residual_note)
+    for layer in adapter_state(model).wrappers.values():  # what a layer says about the file's layout
+        if name in layer.records and hasattr(layer, "load_notes"):
+            report.notes += [n for n in layer.load_notes(name) if n not in report.notes]
     report.unknown_config_keys = sorted(cfg.unknown_keys)
     report.base_check = base_check.describe()
     if rows_before is not None:
@@ -266,6 +286,35 @@ def _resize(model: nn.Module, folder: Path, rows: int | None) -> int | None:
 
 
 _CHECK_BASE = ("error", "warn", "off")
+
+
+def _check_residual_base(model: nn.Module, folder: Path, fp: dict | None, metadata: dict) -> str | None:
+    """A PiSSA / OLoRA adapter saved on its residual base: refuse the original base (closer to the recorded
+    original weights than to the residual ones). Returns a report note, or None for other adapters."""
+    text = metadata.get(lora_init.RESIDUAL_METADATA_KEY)
+    if not text or fp is None:
+        return None
+    try:
+        record = json.loads(text)
+        original, init = dict(record["original"]), str(record["init"])
+    except (ValueError, KeyError, TypeError):
+        raise AdapterLoadError(f"adapter {folder}: unreadable {lora_init.RESIDUAL_METADATA_KEY} metadata.") from None
+    what = lora_init.method_name(init)
+    as_residual = F.compare(fp, model, weights=True)
+    as_original = F.compare({**fp, "modules": {**fp.get("modules", {}), **original}}, model, weights=True)
+    if as_residual.structural:
+        return None  # another structure: _check_base reports it
+    residual_rel = [m.rel_diff for m in as_residual.modules if m.path in original and m.rel_diff is not None]
+    original_rel = [m.rel_diff for m in as_original.modules if m.path in original and m.rel_diff is not None]
+    if residual_rel and sum(original_rel) < sum(residual_rel):
+        raise AdapterLoadError(
+            f"adapter {folder} was trained with {what} (init_lora_weights={init!r}), which replaced the base weights "
+            f"of {len(original)} modules by residuals W - s*B0*A0, but this {type(model).__name__} has the original "
+            "weights: the adapter would be applied to the wrong base. Nothing was changed. Load it onto the "
+            f"residual base it was trained on, or save the trained adapter with ak.save(model, dir, "
+            f"as_plain_lora=True), which writes a plain LoRA adapter for the original base."
+        )
+    return f"{what}: this model is the residual base the adapter was trained on (base weights modified by {what})"
 
 
 def _check_base(model: nn.Module, folder: Path, fp: dict | None, check_base: str) -> F.BaseCheck:

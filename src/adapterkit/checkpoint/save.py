@@ -15,7 +15,9 @@ from .. import distributed, vocab
 from ..errors import AdapterSaveError
 from ..state import require_state, unwrap
 from . import fingerprint
-from .format import ALIASES_METADATA_KEY, WEIGHTS_NAME, adapter_dir, adapter_tensors, alias_marker
+from ..methods import lora_init
+from .base_record import module_base_weight
+from .format import ALIASES_METADATA_KEY, WEIGHTS_NAME, adapter_dir, adapter_tensors, alias_marker, file_key
 from .io import atomic_directory
 from .serialize import to_bytes
 
@@ -28,6 +30,7 @@ def save(
     tokenizer: Any = None,
     peft_compatible: bool = False,
     writer: bool | None = None,
+    as_plain_lora: bool = False,
 ) -> Path:
     """Save adapters (default: all) to `directory`: "default" at the top level, other names in sub-folders.
 
@@ -42,6 +45,9 @@ def save(
     `save` (the shards are gathered collectively); rank 0 writes and the others wait until the files exist. Otherwise
     (one process, DDP) the calling process writes. `writer` overrides who writes (e.g. `is_main_process`).
     The same weights always give the same bytes, whichever way they were sharded.
+    as_plain_lora: adapters initialised by PiSSA / OLoRA (which replaced base weights by residuals) are written as
+    plain LoRA adapters of rank 2r for the ORIGINAL base (PEFT's `path_initial_model_for_weight_conversion`); without
+    it they are written for the residual base, and the file records that the base was modified.
     """
     model = unwrap(model)  # DDP / torch.compile wrappers: the adapters live on the user's model inside
     state = require_state(model)
@@ -73,11 +79,13 @@ def save(
             tensors[key] = value.to("cpu", copy=True).contiguous()
         # The base this adapter was trained on, in the header metadata (PEFT ignores it): checked by `load`.
         modules = sorted(p for p, w in state.wrappers.items() if name in w.adapter_names)
-        metadata = {"format": "pt", **fingerprint.to_metadata(fingerprint.compute(model, modules))}
+        fp = fingerprint.compute(model, modules)
+        cfg, residual_meta = _residual_base(state, name, state.configs[name], tensors, fp, as_plain_lora)
+        metadata = {"format": "pt", **fingerprint.to_metadata(fp), **residual_meta}
         metadata.update(vocab.sizes_metadata(model))
         if aliases:
             metadata[ALIASES_METADATA_KEY] = json.dumps(aliases, sort_keys=True)
-        payloads.append((name, _file_config(model, state.configs[name]), to_bytes(tensors, metadata)))
+        payloads.append((name, _file_config(model, cfg), to_bytes(tensors, metadata)))
 
     target = Path(directory)
     collective = sharded or distributed.world_size() > 1 and _signs_sharded(model)
@@ -124,3 +132,26 @@ def _file_config(model: nn.Module, cfg):
     """The config as written: inference mode, and PEFT's auto_mapping (the base class) when no task type says it."""
     cfg = cfg.replace(inference_mode=True)
     return cfg.with_auto_mapping(distributed.model_class(model)) if cfg.task_type is None else cfg
+
+
+def _residual_base(state, name: str, cfg, tensors: dict, fp: dict, as_plain_lora: bool) -> tuple[Any, dict]:
+    """PiSSA / OLoRA adapters: (config to write, extra metadata); `tensors` and `fp` are updated in place.
+
+    Converted: the rank-2r factors replace A and B, and the fingerprint signs the original weights W_res + s B0 A0.
+    Not converted: the fingerprint signs the residual weights and the metadata records the original ones too, so
+    that `load` can tell the two bases apart.
+    """
+    layers = lora_init.residual_layers(state.wrappers, name)
+    if not layers:
+        return cfg, {}
+    originals = {path: module_base_weight(layer).detach().float() + lora_init.initial_delta(layer, name)
+                 for path, layer in layers.items()}
+    signed = dict(zip(originals, fingerprint.signatures(list(originals.values()))))
+    if not as_plain_lora:
+        record = {"init": cfg.init_lora_weights, "original": signed}
+        return cfg, {lora_init.RESIDUAL_METADATA_KEY: json.dumps(record, sort_keys=True, separators=(",", ":"))}
+    for path, layer in layers.items():
+        for suffix, tensor in lora_init.plain_lora_factors(layer, name).items():
+            tensors[file_key(path, suffix)] = tensor
+    fp["modules"].update(signed)
+    return lora_init.plain_lora_config(cfg), {}

@@ -34,6 +34,8 @@ def train_command(
                                "method adapterkit implements)."),
     r: int = typer.Option(16, "--r", "--lora-r", help="Rank (LoRA, DoRA, LoHa, LoKr, VeRA) or block size (OFT); IA3 "
                           "has none. Spell it --lora-r under torchrun, whose parser takes --r for an abbreviation."),
+    target_r: Optional[int] = typer.Option(None, "--target-r", help="AdaLoRA: average rank per layer at the end "
+                                           "(default: half of --r)."),
     alpha: float = typer.Option(32, "--alpha", help="Alpha (scale = alpha / r)."),
     targets: Optional[list[str]] = typer.Option(None, "--targets", help="Modules to adapt: names or suffixes "
                                                 "(repeat or comma-separate), or 'all-linear' (default)."),
@@ -51,6 +53,8 @@ def train_command(
     seed: int = typer.Option(0, "--seed", help="Seed for adapter init, data split and order."),
     add_tokens: Optional[list[str]] = typer.Option(None, "--add-tokens", help="New tokens to add to the vocabulary "
                                                    "(repeat or comma-separate)."),
+    loraplus_ratio: Optional[float] = typer.Option(None, "--loraplus-ratio", help="LoRA+: lora_B's learning rate is "
+                                                   "this many times --lr (e.g. 16)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
     loss_chunk: Optional[int] = typer.Option(None, "--loss-chunk", help="Compute the output head and loss this many "
                                              "tokens at a time (the full logits never exist; for long contexts)."),
@@ -79,12 +83,15 @@ def train_command(
                         ("--loss-chunk", 1 if loss_chunk is None else loss_chunk)):
         if value < 1:
             raise CliError(f"{name} must be at least 1, got {value}")
+    if loraplus_ratio is not None and not loraplus_ratio > 0:
+        raise CliError(f"--loraplus-ratio must be a positive number, got {loraplus_ratio}")
     if threads:
         torch.set_num_threads(threads)
     if quantize is not None and quantize.lower() not in QUANT_KINDS:
         raise CliError(f"unknown --quantize {quantize!r}; choose one of {', '.join(QUANT_KINDS)}")
 
-    config_for_method(method, r=r, alpha=alpha, dropout=dropout, targets=["probe"])  # refuse bad options early
+    schedule = _adalora_schedule(method, r, target_r, max_steps)
+    config_for_method(method, r=r, alpha=alpha, dropout=dropout, targets=["probe"], **schedule)  # bad options early
     group = dist_setup.start()  # None outside torchrun
     if fsdp and group is None:
         raise CliError("--fsdp shards the model over torchrun processes; run under torchrun --nproc_per_node N")
@@ -97,9 +104,17 @@ def train_command(
         dist_setup.finish(group)
 
 
-def _train(*, out, model, data, method, r, alpha, targets, dropout, layers, max_steps, max_time, lr, batch_size,
-           grad_accum, max_length, eval_fraction, seed, add_tokens, threads, loss_chunk, checkpoint, offload, quantize,
-           fsdp, group) -> None:
+def _adalora_schedule(method: str, r: int, target_r: int | None, max_steps: int) -> dict:
+    """AdaLoRA's budget schedule follows the run's length; other methods have none."""
+    if method.lower() != "adalora":
+        return {}
+    return dict(init_r=r, target_r=target_r or max(r // 2, 1), total_step=max_steps, tinit=max_steps // 10,
+                tfinal=max_steps // 5)
+
+
+def _train(*, out, model, data, method, r, target_r, alpha, targets, dropout, layers, max_steps, max_time, lr,
+           batch_size, grad_accum, max_length, eval_fraction, seed, add_tokens, loraplus_ratio, threads, loss_chunk,
+           checkpoint, offload, quantize, fsdp, group) -> None:
     import adapterkit as ak
 
     from .. import training_data as D
@@ -127,9 +142,11 @@ def _train(*, out, model, data, method, r, alpha, targets, dropout, layers, max_
     target_list = _split(targets) or [DEFAULT_TARGETS]
     target_spec = _linear_leaf_names(base) if target_list == [DEFAULT_TARGETS] else target_list
     extra = {"trainable_token_indices": new_ids} if new_ids else {}  # only the new rows (and a tied head) train
+    extra.update(_adalora_schedule(method, r, target_r, max_steps))
     cfg = config_for_method(method, r=r, alpha=alpha, dropout=dropout, targets=target_spec,
                             layers_to_transform=_layer_list(layers), task_type="CAUSAL_LM", **extra)
     ak.attach(base, cfg)
+    allocator = ak.RankAllocator(base) if method.lower() == "adalora" else None
     trainable, total = ak.count_parameters(base)
     resolved_targets = ak.adapters(base)["default"].target_modules
 
@@ -143,7 +160,7 @@ def _train(*, out, model, data, method, r, alpha, targets, dropout, layers, max_
 
     tcfg = TrainConfig(max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
                        warmup_steps=min(10, max(max_steps // 10, 1)), max_seconds=max_time,
-                       loss_chunk=loss_chunk, checkpoint=checkpoint, offload=offload)
+                       loss_chunk=loss_chunk, checkpoint=checkpoint, offload=offload, loraplus_ratio=loraplus_ratio)
     if checkpoint or offload:
         from ..memory import decoder_layers
 
@@ -152,7 +169,13 @@ def _train(*, out, model, data, method, r, alpha, targets, dropout, layers, max_
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     forward = dist_setup.wrap(base, group, fsdp) if group is not None else None
     part = (group.rank, group.world) if group is not None else (0, 1)
-    result = _train_with_progress(base, train_set, eval_set, tcfg, pad_id, train, forward, part)
+    hooks = {} if allocator is None else {"regularizer": allocator.orth_loss_term,
+                                          "after_optimizer_step": allocator.step}
+    result = _train_with_progress(base, train_set, eval_set, tcfg, pad_id, train, forward, part, **hooks)
+    if allocator is not None:
+        allocator.remove()
+        console.print(f"adalora kept ranks {sorted(set(allocator.ranks().values()))} "
+                      f"(budget {allocator.target_budget} over {len(allocator.layers)} layers)")
 
     writer = group is None or group.rank == 0
     saved = ak.save(base, out, writer=writer)  # sharded: gathered on every rank, written by rank 0
@@ -168,7 +191,9 @@ def _train(*, out, model, data, method, r, alpha, targets, dropout, layers, max_
                    "max_length": max_length, "eval_fraction": eval_fraction, "seed": seed,
                    "layers": _layer_list(layers), "max_time": max_time,
                    "add_tokens": new_tokens, "loss_chunk": loss_chunk, "checkpoint": checkpoint,
-                   "offload": offload, "quantize": quantize.lower() if quantize else None},
+                   "offload": offload, "quantize": quantize.lower() if quantize else None,
+                   "loraplus_ratio": loraplus_ratio,
+                   **({"adalora_ranks": allocator.ranks()} if allocator is not None else {})},
         "trainable_parameters": trainable,
         "processes": 1 if group is None else group.world,
         "parallel": None if group is None else ("fsdp2" if fsdp else "ddp"),
@@ -313,7 +338,7 @@ def _add_tokens(model, tokenizer, tokens: list[str]) -> list[int]:
     return list(ids)
 
 
-def _train_with_progress(model, train_set, eval_set, tcfg, pad_id, train, forward=None, part=(0, 1)):
+def _train_with_progress(model, train_set, eval_set, tcfg, pad_id, train, forward=None, part=(0, 1), **hooks):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
@@ -342,7 +367,8 @@ def _train_with_progress(model, train_set, eval_set, tcfg, pad_id, train, forwar
                 console.print(f"step {log.step}/{tcfg.max_steps}  loss {log.loss:.3f}  lr {log.lr:.2e}  "
                               f"{speed:,.0f} labelled tok/s  {log.seconds:.0f} s")
 
-        result = train(model, train_set, eval_set, tcfg, pad_id=pad_id, on_step=on_step, forward=forward, part=part)
+        result = train(model, train_set, eval_set, tcfg, pad_id=pad_id, on_step=on_step, forward=forward, part=part,
+                       **hooks)
     return result
 
 

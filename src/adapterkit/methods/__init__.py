@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 from ..config import AdapterConfig, read_json
 from ..errors import ConfigError
+from .adalora import AdaLoraConfig, AdaLoraLinear
+from .adalora import summary as adalora_summary
 from .base import AdapterWrapper
 from .ia3 import IA3Config, IA3Conv2d, IA3Linear
 from .lora import LoraEmbedding, LoraLinear
@@ -24,7 +26,11 @@ from . import loha, lokr
 from .loha import LoHaConfig, LoHaLayer
 from .lokr import LoKrConfig, LoKrLayer
 from .lora_config import LoraConfig
+from .lora_param import LoraParam
 from .oft import OFTConfig, OFTConv2d, OFTEmbedding, OFTLinear
+from .prompt_tuning import PromptTuningConfig
+from .prompt_tuning import plan as prompt_tuning_plan
+from .prompt_tuning import summary as prompt_tuning_summary
 from .vera import VeraConfig, VeraLinear
 
 
@@ -34,12 +40,15 @@ class Method:
 
     peft_type: the `peft_type` of its files. config: its config class. layers: base-layer kind -> wrapper class.
     summary: optional `(config, tensors) -> list of (label, text)` rows for `adapterkit inspect`.
+    plan: for a method that targets no layers by the config's targeting fields (prompt tuning): `(model, config) ->
+        (config, [(path, module, wrapper class)])`, used by `attach` instead of the target search.
     """
 
     peft_type: str
     config: type[AdapterConfig]
     layers: dict[str, type[AdapterWrapper]]
     summary: Callable[[Any, dict], list[tuple[str, str]]] | None = field(default=None, compare=False)
+    plan: Callable[[Any, Any], tuple[Any, list]] | None = field(default=None, compare=False)
 
     def layer_for(self, kind: str) -> type[AdapterWrapper] | None:
         return self.layers.get(kind)
@@ -98,9 +107,13 @@ def config_from_file(path: str | Path) -> AdapterConfig:
 # -- the table -----------------------------------------------------------------------------------------------------
 register(Method("LORA", LoraConfig, {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding,
                                      # quantized linears (quantized.py): LoRA and DoRA over the dequantized weight
-                                     "bnb4bit": LoraLinear, "bnb8bit": LoraLinear, "torchao": LoraLinear}))
+                                     "bnb4bit": LoraLinear, "bnb8bit": LoraLinear, "torchao": LoraLinear,
+                                     "parameter": LoraParam}))
 register(Method("LOHA", LoHaConfig, {"linear": LoHaLayer, "conv2d": LoHaLayer}, summary=loha.summary))
 register(Method("LOKR", LoKrConfig, {"linear": LoKrLayer, "conv2d": LoKrLayer}, summary=lokr.summary))
 register(Method("IA3", IA3Config, {"linear": IA3Linear, "conv1d": IA3Linear, "conv2d": IA3Conv2d}))
 register(Method("VERA", VeraConfig, {"linear": VeraLinear, "conv1d": VeraLinear}))
 register(Method("OFT", OFTConfig, {"linear": OFTLinear, "conv2d": OFTConv2d, "embedding": OFTEmbedding}))
+register(Method("ADALORA", AdaLoraConfig, {"linear": AdaLoraLinear, "conv1d": AdaLoraLinear},
+                summary=adalora_summary))
+register(Method("PROMPT_TUNING", PromptTuningConfig, {}, plan=prompt_tuning_plan, summary=prompt_tuning_summary))

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..kernels import lora_linear
 from ..kernels.dora import dora_linear
 from ..kernels.gathered_lora import gathered_embedding, gathered_lora
-from . import dora
+from . import dora, lora_init
 from .base import AdapterWrapper, AttachContext
 from .lora_config import LoraConfig
 
@@ -29,6 +30,7 @@ class LoraRecord:
     scaling: float
     dropout: float = 0.0
     use_dora: bool = False
+    initial: tuple[torch.Tensor, torch.Tensor] | None = None  # (A0, B0) of a PiSSA / OLoRA init (lora_init.py)
 
 
 def _linear_pair(
@@ -117,6 +119,8 @@ class LoraLinear(AdapterWrapper):
         self.lora_B[name] = _Factor(b, self.training)
         record = LoraRecord(r=r, scaling=cfg.scaling_for(path), dropout=float(cfg.lora_dropout), use_dora=cfg.use_dora)
         self.records[name] = record
+        if init is not None and lora_init.is_residual_init(init):
+            lora_init.init_residual(self, name, init)  # PiSSA / OLoRA: factors from W, W replaced by the residual
         if cfg.use_dora:
             self.lora_magnitude_vector[name] = dora.Magnitude(self, name, record, init is not None, factory)
 
@@ -239,6 +243,9 @@ class LoraEmbedding(AdapterWrapper):
 
     def add_adapter(self, name: str, cfg: LoraConfig, path: str, ctx: AttachContext | None = None) -> None:
         r = cfg.rank_for(path)
+        if lora_init.is_residual_init(cfg.init_lora_weights):
+            raise ConfigError(f"init_lora_weights={cfg.init_lora_weights!r} applies to linear layers only; {path!r} "
+                              "is an embedding. Leave it out of target_modules.")
         factory = self._factory(ctx)
         a = torch.empty(r, self.num_embeddings, **factory)
         b = torch.empty(self.embedding_dim, r, **factory)

@@ -8,8 +8,9 @@ from typing import Any, ClassVar
 
 from ..config import MAX_ALPHA, MAX_LIST_ITEMS, MAX_RANK, AdapterConfig, check_pattern
 from ..errors import ConfigError
+from .lora_init import is_residual_init
 
-INIT_CHOICES = (True, False, "gaussian")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_<N>" (lora_init.py)
 
 
 @dataclass
@@ -31,6 +32,7 @@ class LoraConfig(AdapterConfig):
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # rows of the embedding to train
     use_dora: bool = False  # weight-decomposed LoRA (Liu et al., 2024): a trained magnitude per output row
     lora_bias: bool = False  # a trainable bias on lora_B: not implemented yet, refused when True
+    target_parameters: list[str] | None = None  # bare parameters to adapt, e.g. fused MoE experts (lora_param.py)
     ensure_weight_tying: bool = False  # accepted for compatibility: adapterkit always keeps ties consistent
     peft_type: str = "LORA"
 
@@ -50,6 +52,7 @@ class LoraConfig(AdapterConfig):
         "use_dora": "bool",
         "lora_bias": "bool",
         "ensure_weight_tying": "bool",
+        "target_parameters": "str_list?",
     }
     UNSUPPORTED_WHEN_SET: ClassVar[dict[str, Any]] = {
         "layer_replication": None,
@@ -61,7 +64,6 @@ class LoraConfig(AdapterConfig):
         "alora_invocation_tokens": None,
         "use_qalora": False,
         "monteclora_config": None,
-        "target_parameters": None,
         "use_bdlora": None,
         "arrow_config": None,
         "kasa_config": None,
@@ -69,7 +71,7 @@ class LoraConfig(AdapterConfig):
     }
     PASSTHROUGH_KEYS: ClassVar[frozenset[str]] = AdapterConfig.PASSTHROUGH_KEYS | {"qalora_group_size"}
     OMIT_WHEN_EMPTY: ClassVar[frozenset[str]] = AdapterConfig.OMIT_WHEN_EMPTY | {
-        "trainable_token_indices", "ensure_weight_tying", "lora_bias"
+        "trainable_token_indices", "ensure_weight_tying", "lora_bias", "target_parameters"
     }
 
     def validate(self) -> None:
@@ -91,9 +93,10 @@ class LoraConfig(AdapterConfig):
                 "would give different outputs. Use plain LoRA (set it to False)."
             )
         if not any(self.init_lora_weights is c or (isinstance(c, str) and self.init_lora_weights == c)
-                   for c in INIT_CHOICES):
+                   for c in INIT_CHOICES) and not is_residual_init(self.init_lora_weights):
             raise ConfigError(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported; choose one of True, False, 'gaussian'."
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; choose one of True, False, "
+                "'gaussian', 'pissa', 'pissa_niter_<N>' (N iterations, 1-9999) or 'olora'."
             )
         _check_patterns("rank_pattern", self.rank_pattern, lambda v: isinstance(v, int) and not isinstance(v, bool)
                         and 0 < v <= MAX_RANK, f"a positive integer up to {MAX_RANK}")
@@ -102,6 +105,16 @@ class LoraConfig(AdapterConfig):
                         f"a number from -{MAX_ALPHA:g} to {MAX_ALPHA:g}")
         if self.trainable_token_indices is not None:
             _check_token_indices(self.trainable_token_indices)
+        if self.target_parameters:
+            if len(self.target_parameters) > MAX_LIST_ITEMS:
+                raise ConfigError(f"target_parameters has {len(self.target_parameters):,} entries; at most "
+                                  f"{MAX_LIST_ITEMS:,} are accepted.")
+            for key, bad in (("lora_dropout", self.lora_dropout != 0), ("use_dora", self.use_dora),
+                             ("init_lora_weights", is_residual_init(self.init_lora_weights))):
+                if bad:
+                    raise ConfigError(f"target_parameters cannot be combined with {key}={getattr(self, key)!r} (the "
+                                      "delta is added to the parameter, so there is no input to drop out, no "
+                                      "weight to decompose or to initialise from); leave it at its default.")
 
     @classmethod
     def _normalise(cls, kwargs: dict[str, Any]) -> None:
