@@ -112,7 +112,9 @@ def _whole(tensor: torch.Tensor, name: str, key: str) -> torch.Tensor:
     # DeepSpeed ZeRO-3 leaves an empty placeholder with the real shape in `ds_shape`: writing it gives an
     # adapter of a few bytes that loads as zeros.
     expected = getattr(tensor, "ds_shape", None)
-    if value.numel() == 0 or (expected is not None and tuple(value.shape) != tuple(expected)):
+    # A rank pruned to nothing (AdaLoRA) is a legitimate (0, n) tensor; a placeholder is flat and empty.
+    placeholder = value.dim() == 1 and value.numel() == 0
+    if placeholder or (expected is not None and tuple(value.shape) != tuple(expected)):
         shown = list(expected) if expected is not None else "its adapter shape"
         raise AdapterSaveError(
             f"adapter {name!r}: {key} holds {list(value.shape)} ({value.numel()} values) where {shown} is expected: "
