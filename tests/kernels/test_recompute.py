@@ -12,10 +12,29 @@ from adapterkit.memory import SavedTensorMeter
 from helpers import build, input_ids
 
 
+@pytest.fixture(autouse=True)
+def recompute_on():
+    """The rebuild is off by default (it trades step time for memory); these tests turn it on, then restore."""
+    before = recompute.input_recompute_enabled()
+    set_input_recompute(True)
+    yield
+    set_input_recompute(before)
+
+
 @pytest.fixture
 def recompute_off():
-    yield lambda: set_input_recompute(False)
-    set_input_recompute(True)
+    return lambda: set_input_recompute(False)
+
+
+def test_rebuild_is_off_by_default_and_switchable() -> None:
+    import subprocess
+    import sys
+
+    code = "from adapterkit.kernels import input_recompute_enabled as e; print(e())"
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**__import__("os").environ, "ADAPTERKIT_LORA_RECOMPUTE": "1"})
+    assert (plain.stdout.strip(), forced.stdout.strip()) == ("False", "True")
 
 
 def _model(dtype, dropout):
