@@ -108,6 +108,19 @@ def check_type(owner: str, key: str, value: Any, kind: str) -> None:
         )
 
 
+def check_pattern_dict(owner: str, key: str, patterns: dict, valid, wanted: str) -> None:
+    """A {module regex: value} field (rank_pattern, alpha_pattern): bounded in size, each key a valid regex in the
+    form `pattern_value` matches it with, each value passing `valid` (described by `wanted` in the error)."""
+    if len(patterns) > MAX_LIST_ITEMS:
+        raise ConfigError(f"{owner}: {key} has {len(patterns):,} entries; at most {MAX_LIST_ITEMS:,} are accepted.")
+    for pattern, value in patterns.items():
+        if not isinstance(pattern, str):
+            raise ConfigError(f"{owner}: {key} keys must be module-name patterns (strings), got {pattern!r}.")
+        check_pattern(owner, f"{key} key", pattern, r"(.*\.)?({})$")  # as pattern_value uses it
+        if not valid(value):
+            raise ConfigError(f"{owner}: {key}[{pattern!r}] must be {wanted}, got {value!r}.")
+
+
 def check_pattern(owner: str, key: str, text: str, wrap: str = "{}") -> re.Pattern:
     """Compile a regex from a config, refusing oversized, invalid or exponential ones with a message naming the key.
 
@@ -196,6 +209,8 @@ class AdapterConfig:
     PASSTHROUGH_KEYS: ClassVar[frozenset[str]] = frozenset(
         {"megatron_core", "auto_mapping", "peft_version", "runtime_config"}
     )
+    # {module regex: value} fields (rank_pattern, alpha_pattern): JSON null means {}; keys checked by check_pattern_dict.
+    PATTERN_DICT_KEYS: ClassVar[tuple[str, ...]] = ()
     # Optional keys written only when set, so older PEFT versions read the file.
     OMIT_WHEN_EMPTY: ClassVar[frozenset[str]] = frozenset({"exclude_modules"})
 
@@ -297,6 +312,9 @@ class AdapterConfig:
         """JSON spellings PEFT writes that mean a field's default (null for an empty pattern dict, ...)."""
         if isinstance(kwargs.get("target_modules"), (set, tuple)):
             kwargs["target_modules"] = sorted(kwargs["target_modules"])
+        for key in cls.PATTERN_DICT_KEYS:
+            if kwargs.get(key) is None:
+                kwargs[key] = {}
 
     def save(self, directory: str | os.PathLike) -> None:
         with open(os.path.join(directory, "adapter_config.json"), "w", encoding="utf-8") as fh:

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..config import MAX_ALPHA, MAX_LIST_ITEMS, MAX_RANK, AdapterConfig, check_pattern
+from ..config import MAX_ALPHA, MAX_LIST_ITEMS, MAX_RANK, AdapterConfig, check_pattern_dict
 from ..errors import ConfigError
 from .lora_init import is_residual_init
 
@@ -37,6 +37,7 @@ class LoraConfig(AdapterConfig):
     peft_type: str = "LORA"
 
     PEFT_TYPE: ClassVar[str] = "LORA"
+    PATTERN_DICT_KEYS: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern")
     FIELD_TYPES: ClassVar[dict[str, str]] = {
         **AdapterConfig.FIELD_TYPES,
         "r": "int",
@@ -98,9 +99,9 @@ class LoraConfig(AdapterConfig):
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; choose one of True, False, "
                 "'gaussian', 'pissa', 'pissa_niter_<N>' (N iterations, 1-9999) or 'olora'."
             )
-        _check_patterns("rank_pattern", self.rank_pattern, lambda v: isinstance(v, int) and not isinstance(v, bool)
+        check_pattern_dict(self.name, "rank_pattern", self.rank_pattern, lambda v: isinstance(v, int) and not isinstance(v, bool)
                         and 0 < v <= MAX_RANK, f"a positive integer up to {MAX_RANK}")
-        _check_patterns("alpha_pattern", self.alpha_pattern, lambda v: isinstance(v, (int, float))
+        check_pattern_dict(self.name, "alpha_pattern", self.alpha_pattern, lambda v: isinstance(v, (int, float))
                         and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= MAX_ALPHA,
                         f"a number from -{MAX_ALPHA:g} to {MAX_ALPHA:g}")
         if self.trainable_token_indices is not None:
@@ -116,13 +117,6 @@ class LoraConfig(AdapterConfig):
                                       "delta is added to the parameter, so there is no input to drop out, no "
                                       "weight to decompose or to initialise from); leave it at its default.")
 
-    @classmethod
-    def _normalise(cls, kwargs: dict[str, Any]) -> None:
-        super()._normalise(kwargs)
-        for key in ("rank_pattern", "alpha_pattern"):
-            if kwargs.get(key) is None:
-                kwargs[key] = {}
-
     # -- what layers read -------------------------------------------------------------------------------------
     def rank_for(self, module_path: str) -> int:
         return int(self.pattern_value(self.rank_pattern, module_path, self.r))
@@ -133,17 +127,6 @@ class LoraConfig(AdapterConfig):
     def scaling_for(self, module_path: str) -> float:
         r, alpha = self.rank_for(module_path), self.alpha_for(module_path)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
-
-def _check_patterns(key: str, patterns: dict, valid, wanted: str) -> None:
-    if len(patterns) > MAX_LIST_ITEMS:
-        raise ConfigError(f"{key} has {len(patterns):,} entries; at most {MAX_LIST_ITEMS:,} are accepted.")
-    for pattern, value in patterns.items():
-        if not isinstance(pattern, str):
-            raise ConfigError(f"{key} keys must be module-name patterns (strings), got {pattern!r}.")
-        check_pattern("LoraConfig", f"{key} key", pattern, r"(.*\.)?({})$")  # as pattern_value uses it
-        if not valid(value):
-            raise ConfigError(f"{key}[{pattern!r}] must be {wanted}, got {value!r}.")
 
 
 def _check_token_indices(value: Any) -> None:

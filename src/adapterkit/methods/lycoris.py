@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MAX_LIST_ITEMS, MAX_RANK, AdapterConfig, check_pattern
+from ..config import MAX_RANK, AdapterConfig, check_pattern_dict
 from ..errors import ConfigError, TargetError
 from .base import AdapterWrapper, AttachContext
 
@@ -38,6 +38,7 @@ class LycorisConfig(AdapterConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # per-module alpha overrides (regex keys)
 
     INIT_CHOICES: ClassVar[tuple[Any, ...]] = (True, False)
+    PATTERN_DICT_KEYS: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern")
     FIELD_TYPES: ClassVar[dict[str, str]] = {
         **AdapterConfig.FIELD_TYPES,
         "r": "int",
@@ -62,28 +63,10 @@ class LycorisConfig(AdapterConfig):
                    for c in self.INIT_CHOICES):
             raise ConfigError(f"{self.name}: init_weights={self.init_weights!r} is not supported; choose one of "
                               f"{', '.join(repr(c) for c in self.INIT_CHOICES)}.")
-        self._check_patterns("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool)
+        check_pattern_dict(self.name, "rank_pattern", self.rank_pattern, lambda v: isinstance(v, int) and not isinstance(v, bool)
                              and 0 < v <= MAX_RANK, f"a positive integer up to {MAX_RANK}")
-        self._check_patterns("alpha_pattern", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        check_pattern_dict(self.name, "alpha_pattern", self.alpha_pattern, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
                              and math.isfinite(v), "a finite number")
-
-    def _check_patterns(self, key: str, valid, wanted: str) -> None:
-        patterns = getattr(self, key)
-        if len(patterns) > MAX_LIST_ITEMS:
-            raise ConfigError(f"{self.name}: {key} has {len(patterns):,} entries; at most {MAX_LIST_ITEMS:,}.")
-        for pattern, value in patterns.items():
-            if not isinstance(pattern, str):
-                raise ConfigError(f"{self.name}: {key} keys must be module-name patterns (strings), got {pattern!r}.")
-            check_pattern(self.name, f"{key} key", pattern)
-            if not valid(value):
-                raise ConfigError(f"{self.name}: {key}[{pattern!r}] must be {wanted}, got {value!r}.")
-
-    @classmethod
-    def _normalise(cls, kwargs: dict[str, Any]) -> None:
-        super()._normalise(kwargs)
-        for key in ("rank_pattern", "alpha_pattern"):
-            if kwargs.get(key) is None:
-                kwargs[key] = {}
 
     # -- what layers read -------------------------------------------------------------------------------------
     def rank_for(self, module_path: str) -> int:
