@@ -1,4 +1,5 @@
-"""adapterkit: LoRA fine-tuning for PyTorch and transformers models, PEFT-format compatible, correct save/load.
+"""adapterkit: parameter-efficient fine-tuning (LoRA and relatives) for PyTorch and transformers models, in PEFT's
+format, with save and load correct by construction.
 
     import adapterkit as ak
     ak.attach(model, ak.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
