@@ -148,11 +148,12 @@ def main() -> None:
                     with ak.routed(akm, route):  # entering writes the route into the table's index tensor
                         return akm(input_ids=ids, use_cache=False)
 
-                ms["adapterkit mixed"] = timer(routed_call, warmup, iters)
+                ms["adapterkit mixed"] = timer(routed_call, warmup, iters)  # the automatic choice
                 if device == "cuda":
-                    gathered._ENABLED = False
-                    ms["adapterkit mixed (torch gather path)"] = timer(routed_call, warmup, iters)
-                    gathered._ENABLED = True
+                    for forced in ("torch", "triton"):
+                        gathered._BACKEND = forced
+                        ms[f"adapterkit mixed ({forced} path forced)"] = timer(routed_call, warmup, iters)
+                    gathered._BACKEND = "auto"
                 want = pm(input_ids=ids, use_cache=False, adapter_names=route).logits.float()
                 got = routed_call().logits.float()
                 results[f"{phase}_max_rel_diff_vs_peft"] = float((got - want).abs().max() / want.abs().max())
