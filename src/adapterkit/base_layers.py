@@ -46,6 +46,12 @@ class BaseView:
     def features(module: nn.Module) -> tuple[int, int]:
         raise NotImplementedError
 
+    @classmethod
+    def layout(cls, module: nn.Module) -> dict:
+        """in_features, out_features and fan_in_fan_out, set on every wrapper of this kind of layer."""
+        in_features, out_features = cls.features(module)
+        return {"in_features": in_features, "out_features": out_features, "fan_in_fan_out": cls.fan_in_fan_out}
+
     @staticmethod
     def compute_dtype(module: nn.Module) -> torch.dtype:
         return module.weight.dtype

@@ -103,8 +103,7 @@ class AdaLoraLinear(AdapterWrapper):
 
     def __init__(self, base_layer: nn.Module, view=None) -> None:
         super().__init__(base_layer, view)
-        self.in_features, self.out_features = self.view.features(base_layer)
-        self._set_plain(fan_in_fan_out=self.view.fan_in_fan_out, _active=())
+        self._set_plain(_active=())
         self.lora_A = self._container(nn.ParameterDict)  # (r, in)
         self.lora_B = self._container(nn.ParameterDict)  # (out, r)
         self.lora_E = self._container(nn.ParameterDict)  # (r, 1)

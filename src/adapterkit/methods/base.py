@@ -63,6 +63,7 @@ class AdapterWrapper(nn.Module):
             raise TargetError(f"no base-layer view for {type(base_layer).__name__}; it cannot carry an adapter.")
         self.base_layer = base_layer
         self._set_plain(
+            **view.layout(base_layer),  # in_features, out_features, fan_in_fan_out
             training=base_layer.training,  # a new wrapper follows the mode of the layer it replaces
             view=view,
             records={},  # adapter name -> the method's record (scalars, sizes)

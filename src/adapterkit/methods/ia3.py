@@ -155,11 +155,7 @@ class IA3Linear(AdapterWrapper):
 
     def __init__(self, base_layer: nn.Module, view=None) -> None:
         super().__init__(base_layer, view)
-        in_features, out_features = self.view.features(base_layer)
         self._set_plain(
-            fan_in_fan_out=self.view.fan_in_fan_out,
-            in_features=in_features,
-            out_features=out_features,
             # Hot path: names of live adapters that scale the input / the output.
             _scale_in=(),
             _scale_out=(),

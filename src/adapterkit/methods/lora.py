@@ -93,11 +93,7 @@ class LoraLinear(AdapterWrapper):
 
     def __init__(self, base_layer: nn.Module, view=None) -> None:
         super().__init__(base_layer, view)
-        in_features, out_features = self.view.features(base_layer)
         self._set_plain(
-            fan_in_fan_out=self.view.fan_in_fan_out,
-            in_features=in_features,
-            out_features=out_features,
             # Hot path: ((A module, B module, magnitude holder or None, dropout p, scaling), ...) for the live adapters,
             # and whether the fused single-adapter kernel applies.
             _active_lora=(),

@@ -82,6 +82,10 @@ class _AnyModule(BaseView):
     def matches(module: nn.Module) -> bool:
         return True
 
+    @classmethod
+    def layout(cls, module: nn.Module) -> dict:
+        return {}  # a whole module has no in / out features
+
     @staticmethod
     def compute_dtype(module: nn.Module) -> torch.dtype:
         return next(module.parameters()).dtype

@@ -195,9 +195,7 @@ class OFTLinear(AdapterWrapper):
         reason = self.refuses(base_layer)
         if reason:
             raise TargetError(reason)
-        in_features, out_features = self.view.features(base_layer)
-        self._set_plain(in_features=in_features, out_features=out_features, _active_oft=())
-        self.__dict__["_rotated"] = in_features  # the features R acts on
+        self._set_plain(_active_oft=(), _rotated=self.in_features)  # _rotated: the features R acts on
         setattr(self, self.containers[0], self._container(nn.ModuleDict))
 
     def _rotations(self) -> nn.ModuleDict:

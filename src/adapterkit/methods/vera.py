@@ -131,11 +131,7 @@ class VeraLinear(AdapterWrapper):
 
     def __init__(self, base_layer: nn.Module, view=None) -> None:
         super().__init__(base_layer, view)
-        in_features, out_features = self.view.features(base_layer)
         self._set_plain(
-            fan_in_fan_out=self.view.fan_in_fan_out,
-            in_features=in_features,
-            out_features=out_features,
             _shared={},  # adapter name -> its Projections (owned here or by another layer)
             _active_vera=(),  # hot path: ((name, Projections, dropout p), ...) for the live adapters
         )
