@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+from random_llama import random_llama  # noqa: E402  (bench/, the script's own folder)
 
 GIB = 1024**3
 LLAMA_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -33,19 +34,8 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
 
 
 def build(shape: dict, dtype: torch.dtype, device: torch.device, layers: int | None):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**{**shape, **({"num_hidden_layers": layers} if layers else {})},
-                      max_position_embeddings=8192, attn_implementation="sdpa", use_cache=False)
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with device:
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    return model.requires_grad_(False)
+    return random_llama({**shape, **({"num_hidden_layers": layers} if layers else {})}, dtype, device,
+                        max_positions=8192)
 
 
 def attach(model, impl: str, r: int):

@@ -26,6 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+from random_llama import random_llama  # noqa: E402  (bench/, the script's own folder)
 
 GIB = 1024**3
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -54,19 +55,8 @@ def _oom_types():
 
 
 def build(shape: dict, base: str, device: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    cfg = LlamaConfig(**shape, max_position_embeddings=1 << 20, attn_implementation="sdpa", use_cache=False)
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    model.requires_grad_(False)
+    model = random_llama(shape, dtype, device, max_positions=1 << 20)
     if base == "nf4":
         _quantize_nf4(model, device, dtype)
     return model

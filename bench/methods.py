@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+from random_llama import random_llama  # noqa: E402  (bench/, the script's own folder)
 
 GIB = 1024**3
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -85,18 +86,7 @@ def build_model(name: str, dtype: torch.dtype, device: str):
 
         model = load_model("smollm2-135m-instruct", dtype=dtype)[0]
     else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        shape = TINY if name == "tiny" else LLAMA_1B
-        cfg = LlamaConfig(**shape, max_position_embeddings=4096, attn_implementation="sdpa", use_cache=False)
-        torch.manual_seed(0)
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = LlamaForCausalLM(cfg)
-        finally:
-            torch.set_default_dtype(old)
+        model = random_llama(TINY if name == "tiny" else LLAMA_1B, dtype, device)
     model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
     return model

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+from random_llama import random_llama  # noqa: E402  (bench/, the script's own folder)
 
 import adapterkit as ak  # noqa: E402
 from adapterkit.kernels import gathered_lora as gathered  # noqa: E402
@@ -38,18 +39,7 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
 
 
 def build(shape, dtype, device, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**shape, max_position_embeddings=4096, attn_implementation="sdpa")
-    torch.manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return random_llama(shape, dtype, device, seed=seed, use_cache=None).eval()
 
 
 def make_adapters(shape, dtype, device, n, r, root: Path) -> list[Path]:

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+from random_llama import random_llama  # noqa: E402  (bench/, the script's own folder)
 
 GIB = 1024**3
 PROFILE = False  # --profile: print the top CUDA ops of two steps per row
@@ -85,20 +86,7 @@ class Result:
 
 
 def build_model(shape: dict, dtype: torch.dtype, device: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**shape, max_position_embeddings=4096, attn_implementation="sdpa", use_cache=False)
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    model.to(device=device, dtype=dtype)
-    model.requires_grad_(False)
-    return model
+    return random_llama(shape, dtype, device)
 
 
 def attach(model, case: Case):
