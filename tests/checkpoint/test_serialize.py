@@ -60,3 +60,13 @@ def test_zero3_placeholder_is_refused_by_name(tmp_path):
                                                 r"\(0 values\) where \[4, 32\] is expected.*ZeRO-3"):
         ak.save(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_flat_empty_tensor_without_ds_shape_is_refused(tmp_path):
+    model = adapted()
+    lora_a = model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    lora_a.data = torch.empty(0)  # a partitioned placeholder that carries no shape record
+    with pytest.raises(AdapterSaveError, match=r"layers\.0\.self_attn\.q_proj\.lora_A\.weight holds \[0\] "
+                                                r"\(0 values\) where its adapter shape is expected"):
+        ak.save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
