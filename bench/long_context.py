@@ -26,7 +26,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from random_llama import random_llama  # noqa: E402  (bench/, the script's own folder)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, also when imported by a test
+from random_llama import random_llama  # noqa: E402
 
 GIB = 1024**3
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

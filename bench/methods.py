@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from random_llama import random_llama  # noqa: E402  (bench/, the script's own folder)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, also when imported by a test
+from random_llama import random_llama  # noqa: E402
 
 GIB = 1024**3
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,

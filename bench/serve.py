@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from random_llama import random_llama  # noqa: E402  (bench/, the script's own folder)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, also when imported by a test
+from random_llama import random_llama  # noqa: E402
 
 import adapterkit as ak  # noqa: E402
 from adapterkit.kernels import gathered_lora as gathered  # noqa: E402

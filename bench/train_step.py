@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from random_llama import random_llama  # noqa: E402  (bench/, the script's own folder)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, also when imported by a test
+from random_llama import random_llama  # noqa: E402
 
 GIB = 1024**3
 PROFILE = False  # --profile: print the top CUDA ops of two steps per row
