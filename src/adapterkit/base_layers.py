@@ -15,6 +15,8 @@ so a quantized `Linear4bit`, which passes `isinstance(nn.Linear)`, is never mist
     view.saved_float_weight(module, saved)   # float32 values of a saved weight (dequantized if packed)
     view.quantized(module)            # packed storage: merges requantize, fingerprints dequantize
     view.prepare(module)              # called once by `attach` before an adapter wraps the layer (default: nothing)
+    view.dequantizer(module)          # packed storage a fused kernel can read: a callable giving the (out, in)
+                                      # weight in the compute dtype, made afresh each call; None otherwise
 
 New base-layer kinds register with `register_view(view, before=...)` (bitsandbytes and torchao: quantized.py).
 """
@@ -96,6 +98,10 @@ class BaseView:
     @staticmethod
     def quantized(module: nn.Module) -> bool:
         return False
+
+    @staticmethod
+    def dequantizer(module: nn.Module):
+        return None
 
 
 class LinearView(BaseView):

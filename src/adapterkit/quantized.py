@@ -11,6 +11,7 @@ takes whichever layout the layer holds, and an unmerge puts back the very parame
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -68,6 +69,13 @@ def dequantize_4bit(param: torch.Tensor) -> torch.Tensor:
     absmax = state.absmax.float().T  # (N, K / blocksize): stored (K / blocksize, N) in bf16
     values = state.code.float()[codes.long()].reshape(n, k // state.blocksize, state.blocksize)
     return (values * absmax[:, :, None]).reshape(n, k)
+
+
+def _dequantize_as(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(out, in) values of a standard-layout `Params4bit` in `dtype`, as bitsandbytes' matmul dequantizes them."""
+    import bitsandbytes.functional as bnb_f
+
+    return bnb_f.dequantize_4bit(param.data, param.quant_state).to(dtype)
 
 
 def _unpack_for_training(module: nn.Module) -> None:
@@ -172,6 +180,15 @@ class Bnb4bitView(BaseView):
     @staticmethod
     def quantized(module: nn.Module) -> bool:
         return True
+
+    @staticmethod
+    def dequantizer(module: nn.Module):
+        """The weight as the layer's own training path computes with it: bitsandbytes' dequantization in the
+        compute dtype (what `MatMul4Bit` multiplies by, forward and backward). None for the CPU-packed layout."""
+        param = module.weight
+        if getattr(param, "quant_state", None) is None or _packed_for_cpu(param):
+            return None
+        return functools.partial(_dequantize_as, param, _float_dtype(module))
 
 
 # -- bitsandbytes 8-bit ------------------------------------------------------------------------------------------

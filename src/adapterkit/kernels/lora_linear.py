@@ -146,19 +146,22 @@ class _LoraLinearFn(torch.autograd.Function):
             mask = torch_keep_mask(x2d.shape, p, seed, x.device)
             xa = torch.mm(x2d * mask, lora_a.t()).mul_(1.0 / (1.0 - p))
         out = _scaled_mm(xa, lora_b.t(), scaling, bias)  # (N, out) = s·xa Bᵀ + bias
-        out.addmm_(x2d, weight.t())  # += x Wᵀ, accumulated in the GEMM's epilogue
+        # A packed base hands a callable that dequantizes: the float weight lives only around its GEMM.
+        weight_fn = weight if callable(weight) else None
+        out.addmm_(x2d, (weight_fn() if weight_fn is not None else weight).t())  # += x Wᵀ, in the GEMM's epilogue
 
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         seed_t = seed if isinstance(seed, torch.Tensor) else None
         ctx.scaling, ctx.p, ctx.use_triton = scaling, p, use_triton
         ctx.seed = None if seed_t is not None else seed
         ctx.lead = lead
+        ctx.weight_fn = weight_fn if need_x else None
         # x only for dA, and not even then when backward can rebuild it from what autograd keeps anyway
         # (recompute.py); xa only for dB; the mask only on the plain dropout path; the seed tensor when compiled.
         ctx.x_recipe = input_recipe(x) if need_a else None
         ctx.save_for_backward(
             x2d if need_a and ctx.x_recipe is None else None,
-            weight if need_x else None,
+            weight if need_x and weight_fn is None else None,
             lora_a if (need_x or need_a) else None,
             lora_b if (need_x or need_a) else None,
             xa if need_b else None,
@@ -197,6 +200,8 @@ class _LoraLinearFn(torch.autograd.Function):
                 if need_a:
                     da = torch.mm(g.t(), x2d * mask).mul_(scale)
             if need_x:
+                if ctx.weight_fn is not None:
+                    weight = ctx.weight_fn()  # dequantized again, as the packed layer's own backward does
                 dx.addmm_(dy2d, weight)  # += dY W, accumulated in the GEMM's epilogue
                 dx = dx.view(*ctx.lead, dx.shape[-1])
         return dx, None, None, da, db, None, None, None, None
@@ -223,7 +228,9 @@ def lora_linear(
     """x Wᵀ + bias + scaling · (dropout(x) Aᵀ) Bᵀ — what PEFT computes — as one fused autograd node.
 
     Args:
-        x: (..., in). weight: (out, in) as nn.Linear stores it, frozen. bias: (out,) or None, frozen.
+        x: (..., in). weight: (out, in) as nn.Linear stores it, frozen; or, for a packed (quantized) base, a
+            zero-argument callable returning that weight in x's dtype (called in forward and again in backward, so
+            no float copy outlives its GEMM; the caller checks the dtypes). bias: (out,) or None, frozen.
         lora_a: (r, in); lora_b: (out, r) — the nn.Linear weights of lora_A / lora_B, in the base dtype.
         scaling: lora_alpha / r. dropout_p, training: dropout on the adapter input (active only when training).
         seed: dropout seed; drawn from torch's default generator when None. `dropout_mask(x, p, seed)` returns the
@@ -237,14 +244,18 @@ def lora_linear(
     p = float(dropout_p) if training else 0.0
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    base_trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
+    packed = callable(weight)
+    base_trainable = (not packed and weight.requires_grad) or (bias is not None and bias.requires_grad)
     if (
-        x.dtype != weight.dtype
+        (not packed and x.dtype != weight.dtype)
         or lora_a.dtype != x.dtype
         or lora_b.dtype != x.dtype
         or (base_trainable and torch.is_grad_enabled())
         or _autocast_on(x)
+        or (packed and torch.compiler.is_compiling())
     ):
+        if packed:
+            weight = weight()  # the plain composition, over the dequantized weight
         if lora_a.dtype == x.dtype and lora_b.dtype == x.dtype:
             return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, p, p > 0.0)
         # Adapters kept in another dtype: run the adapter branch in theirs and add back in the base's, as PEFT does.

@@ -136,14 +136,18 @@ class LoraLinear(AdapterWrapper):
             for n in self._live()
         )
         base = self._modules["base_layer"]
-        # One unmerged adapter on a float layer: one autograd node. Plain LoRA on nn.Linear: the fused kernel (only x
-        # saved); DoRA on nn.Linear / Conv1D: the DoRA node. Anything else (quantized base, several adapters) loops.
+        # One unmerged adapter: one autograd node. Plain LoRA on nn.Linear: the fused kernel (only x saved); on a
+        # packed base that can hand its dequantized weight over (bitsandbytes 4-bit): the same kernel, dequantizing in
+        # forward and backward as the layer itself does; DoRA on a float nn.Linear / Conv1D: the DoRA node. Anything
+        # else (8-bit and torchao bases, DoRA on a packed base, several adapters) loops.
         fused = None
         if len(active) == 1 and not self.view.quantized(base):
             if active[0][2] is None and type(base) is nn.Linear:
                 fused = "lora"
             elif active[0][2] is not None:
                 fused = "dora"
+        elif len(active) == 1 and active[0][2] is None and self.view.dequantizer(base) is not None:
+            fused = "packed"
         self._set_plain(_active_lora=active, _fused=fused)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -156,6 +160,13 @@ class LoraLinear(AdapterWrapper):
         if fused == "lora" and not args and not kwargs:
             lora_a, lora_b, _, p, scaling = active[0]
             return lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, scaling, p, self.training)
+        if fused == "packed" and not args and not kwargs and torch.is_grad_enabled():
+            # Training only: without gradients bitsandbytes picks its own kernels (a fused 4-bit GEMV for decode).
+            lora_a, lora_b, _, p, scaling = active[0]
+            bias = base.bias
+            if x.dtype == self.view.compute_dtype(base) and (bias is None or bias.dtype == x.dtype):
+                return lora_linear(x, self.view.dequantizer(base), bias, lora_a.weight, lora_b.weight, scaling, p,
+                                   self.training)
         if fused == "dora" and not args and not kwargs:
             lora_a, lora_b, magnitude, p, scaling = active[0]
             return dora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, magnitude.weight, scaling, p,
