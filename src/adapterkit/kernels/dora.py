@@ -48,7 +48,27 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .dora_reference import dora_linear_reference
-from .lora_linear import _scaled_mm, torch_keep_mask
+from .lora_linear import _scaled_mm, get_backend, torch_keep_mask
+
+_triton_mod = None  # the imported _triton_dora module, False when Triton is unusable, None before the first try
+
+
+def _triton():
+    """The Triton kernels module, imported on first CUDA use; None when Triton is not installed or fails to load."""
+    global _triton_mod
+    if _triton_mod is None:
+        try:
+            from . import _triton_dora
+
+            _triton_mod = _triton_dora
+        except Exception:  # no triton, or a triton that cannot load here: the torch path is always correct
+            _triton_mod = False
+    return _triton_mod or None
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    """The DoRA Triton passes run on CUDA unless the LoRA backend is set to "torch" (kernels.set_backend)."""
+    return t.is_cuda and get_backend() != "torch" and not torch.compiler.is_compiling() and _triton() is not None
 
 # Rows of W cast to float32 at a time when W is not float32 (bf16/fp16 base): bounds the temporary to this many
 # elements instead of a full float32 copy of W.
@@ -174,6 +194,8 @@ def dora_weight_norm(
             wa = torch.cat([w_lin[i:j].float() @ a.t() for i, j in _row_blocks(w_lin)])  # (out, r)
         # n² = ‖W‖² + rowsum(B ⊙ (2s·W Aᵀ + s²·B (A Aᵀ))): few launches, as this runs per layer per step.
         cross = torch.addmm(wa, b, a @ a.t(), beta=2.0 * scaling, alpha=scaling * scaling)  # (out, r)
+        if _use_triton(cross):
+            return _triton().weight_norm_tail(weight_sq_norm.float(), b, cross)
         sq = torch.linalg.vecdot(b, cross).add_(weight_sq_norm.float())
         return sq.clamp_(min=0.0).sqrt_()  # (out,)
 
@@ -188,18 +210,27 @@ class _DoraLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w_lin, bias, lora_a, lora_b, magnitude, norm, scaling, p, seed, recompute, from_output):
+    def forward(ctx, x, w_lin, bias, lora_a, lora_b, magnitude, norm, scaling, p, seed, recompute, from_output,
+                use_triton):
         lead, n_in = x.shape[:-1], x.shape[-1]
         x2d = x.reshape(-1, n_in)  # (N, in)
         mask = torch_keep_mask(x2d.shape, p, seed, x.device) if p > 0.0 else None
         xd = x2d * mask * (1.0 / (1.0 - p)) if mask is not None else x2d  # (N, in)
-        c_minus_1 = (magnitude.detach().float() / norm - 1.0).to(x.dtype)  # (out,)
+        need_x, need_a, need_b, need_m = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
+        # from_output (no dropout): m's gradient needs y_pre / n = (out - b) / m, and `out` is usually saved by the
+        # next op anyway (RoPE, SiLU, the gate product share its storage), so keeping it costs little.
+        from_output = from_output and mask is None and need_m
+        # The Triton passes (no dropout): c = m / n applied to the output and to dY inside one pass each.
+        fast = use_triton and mask is None and (from_output or not need_m)
+        c_minus_1 = None if fast else (magnitude.detach().float() / norm - 1.0).to(x.dtype)  # (out,)
 
         xa = xd @ lora_a.t()  # (N, r)
         # s·(x_d Aᵀ) Bᵀ first, then the base GEMM accumulates onto it (beta=1: the add rides in its epilogue).
         y_pre = _scaled_mm(xa, lora_b.t(), scaling)  # (N, out)
         y_pre.addmm_(xd, w_lin.t())
-        if mask is None:
+        if fast:
+            out = _triton().scale_columns_(y_pre, magnitude.detach(), norm, bias)
+        elif mask is None:
             keeps_y = ctx.needs_input_grad[5] and not (recompute or from_output)
             out = y_pre * (c_minus_1 + 1) if keeps_y else y_pre.mul_(c_minus_1 + 1)  # c ⊙ y_pre
             if bias is not None:
@@ -209,12 +240,8 @@ class _DoraLinearFn(torch.autograd.Function):
             out = torch.addmm(bias, x2d, w_lin.t()) if bias is not None else x2d @ w_lin.t()  # base on undropped x
             out.addmm_(xa, lora_b.t(), alpha=scaling).addcmul_(y_pre, c_minus_1)
 
-        need_x, need_a, need_b, need_m = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
-        ctx.scaling, ctx.p, ctx.seed, ctx.lead = scaling, p, seed, lead
+        ctx.scaling, ctx.p, ctx.seed, ctx.lead, ctx.fast = scaling, p, seed, lead, fast
         ctx.x2d_shape, ctx.m_dtype = x2d.shape, magnitude.dtype
-        # from_output (no dropout): m's gradient needs y_pre / n = (out - b) / m, and `out` is usually saved by the
-        # next op anyway (RoPE, SiLU, the gate product share its storage), so keeping it costs little.
-        from_output = from_output and mask is None and need_m
         ctx.from_output = from_output
         recompute = recompute and not from_output
         keep_y = need_m and not recompute and not from_output
@@ -229,7 +256,7 @@ class _DoraLinearFn(torch.autograd.Function):
             y_pre if keep_y else None,
             out if from_output else None,
             bias if from_output else None,
-            magnitude.detach() if from_output else None,
+            magnitude.detach() if from_output or fast else None,
         )
         return out.view(*lead, out.shape[-1])
 
@@ -239,31 +266,34 @@ class _DoraLinearFn(torch.autograd.Function):
         need_x, need_a, need_b, need_m = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
         s, p = ctx.scaling, ctx.p
         g = dy.reshape(-1, dy.shape[-1])  # (N, out)
-        gc = g * (c_minus_1 + 1)  # c ⊙ g
+        dx = da = db = dm = None
+        if ctx.fast:  # gc = c ⊙ g and m's gradient from the saved output, one pass over g
+            gc, dm = _triton().scale_grad(g, out if need_m else None, magnitude, norm, bias, ctx.m_dtype)
+        else:
+            gc = g * (c_minus_1 + 1)  # c ⊙ g
         g_c1 = gc - g if p > 0.0 else None  # (c-1) ⊙ g, only the dropout path needs it
         mask = None
         if p > 0.0 and (need_x or need_a or (need_m and y_pre is None)):
             mask = torch_keep_mask(ctx.x2d_shape, p, ctx.seed, g.device)  # regenerated from the seed, never stored
-        dx = da = db = dm = None
-        if need_m and ctx.from_output:
+        if need_m and ctx.from_output and not ctx.fast:
             # Σ_N g ⊙ y_pre / n = Σ_N g ⊙ (out - b) / m: one product pass, reduced in float32.
             dm = (g * out).sum(0, dtype=torch.float32)
             if bias is not None:
                 dm -= bias.float() * g.sum(0, dtype=torch.float32)
             dm = dm.div_(magnitude.float()).to(ctx.m_dtype)
-        elif need_m:
+        elif need_m and not ctx.fast:
             if y_pre is None:  # recompute: x_d W_linᵀ + s·(x_d Aᵀ) Bᵀ
                 xd = x2d * mask * (1.0 / (1.0 - p)) if mask is not None else x2d
                 y_pre = xd @ w_lin.t()
                 y_pre.addmm_(xa, lora_b.t(), alpha=s)
             dm = (g * y_pre).sum(0, dtype=torch.float32).div_(norm).to(ctx.m_dtype)  # (out,)
         if need_b:
-            db = torch.mm(gc.t(), xa).mul_(s)  # (out, r)
+            db = _scaled_mm(gc.t(), xa, s)  # (out, r)
         if need_x or need_a:
             gcb = gc @ lora_b  # (N, r)
             if need_a:
                 xd = x2d * mask * (1.0 / (1.0 - p)) if mask is not None else x2d
-                da = torch.mm(gcb.t(), xd).mul_(s)  # (r, in)
+                da = _scaled_mm(gcb.t(), xd, s)  # (r, in)
             if need_x:
                 dx = _scaled_mm(gcb, lora_a, s)  # (N, in), scaled inside the GEMM
                 if mask is None:
@@ -272,7 +302,7 @@ class _DoraLinearFn(torch.autograd.Function):
                     dx.addmm_(g_c1, w_lin).mul_(mask).mul_(1.0 / (1.0 - p))
                     dx.addmm_(g, w_lin)  # the undropped base path
                 dx = dx.view(*ctx.lead, dx.shape[-1])
-        return dx, None, None, da, db, dm, None, None, None, None, None, None
+        return dx, None, None, da, db, dm, None, None, None, None, None, None, None
 
 
 def dora_linear(
@@ -336,7 +366,7 @@ def dora_linear(
     bias = bias.to(x.dtype) if bias is not None else None
     a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     return _DoraLinearFn.apply(x, w_lin, bias, a, b, magnitude, norm, float(scaling), p, seed, recompute,
-                               from_output)
+                               from_output, _use_triton(x))
 
 
 def dora_embedding(

@@ -181,7 +181,7 @@ class _LoraLinearFn(torch.autograd.Function):
         dy2d = dy.reshape(-1, dy.shape[-1])  # (N, out)
         dx = da = db = None
         if need_b:
-            db = torch.mm(dy2d.t(), xa).mul_(s)  # (out, r)
+            db = _scaled_mm(dy2d.t(), xa, s)  # (out, r), scaled inside the GEMM
         if need_x or need_a:
             g = torch.mm(dy2d, lora_b)  # (N, r)
             if ctx.use_triton:
@@ -190,7 +190,7 @@ class _LoraLinearFn(torch.autograd.Function):
                 if need_x:
                     dx = _scaled_mm(g, lora_a, s)  # (N, in)
                 if need_a:
-                    da = torch.mm(g.t(), x2d).mul_(s)  # (r, in)
+                    da = _scaled_mm(g.t(), x2d, s)  # (r, in)
             else:
                 if seed_t is not None:
                     mask = hash_keep_mask(g.shape[0], lora_a.shape[1], p, seed_t, g.device)

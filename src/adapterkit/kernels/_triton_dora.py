@@ -1,0 +1,150 @@
+"""Triton kernels for the DoRA linear's per-column passes, so the scale c = m / n is never a tensor of its own.
+
+    weight_norm_tail:  n = sqrt(max(‖W_i‖² + Σ_k B_ik · cross_ik, 0))           one pass over (out, r)
+    scale_columns_:    y ← y ⊙ (m / n) + b, in place                               one pass over (N, out)
+    scale_grad:        gc = g ⊙ (m / n);  dm = (Σ_N g ⊙ y − b · Σ_N g) / m       one pass over (N, out), then (out,)
+
+The plain-PyTorch composition in dora.py computes the same values (it rounds c to the input's dtype before the
+multiply; these keep it in float32). Column sums go through per-block partials summed in a fixed order, so the
+gradient of m is deterministic. Imported only on CUDA, by `dora.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TAIL_BM = 64
+SCALE_BM, SCALE_BN = 32, 128
+GRAD_BM, GRAD_BN, GRAD_ROWS = 32, 128, 512  # each program of scale_grad reduces GRAD_ROWS (or more) rows of BN columns
+MAX_PARTS = 64  # partial column sums per column block, summed by one program
+
+
+@triton.jit
+def _norm_tail_kernel(sq_ptr, b_ptr, cross_ptr, n_ptr, n_out, R, stride_b, stride_c,
+                      BM: tl.constexpr, BR: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rr = tl.arange(0, BR)
+    rmask = rows < n_out
+    m2 = rmask[:, None] & (rr[None, :] < R)
+    b = tl.load(b_ptr + rows[:, None] * stride_b + rr[None, :], mask=m2, other=0.0).to(tl.float32)
+    cross = tl.load(cross_ptr + rows[:, None] * stride_c + rr[None, :], mask=m2, other=0.0).to(tl.float32)
+    sq = tl.sum(b * cross, axis=1) + tl.load(sq_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(n_ptr + rows, tl.sqrt(tl.maximum(sq, 0.0)), mask=rmask)
+
+
+@triton.jit
+def _scale_kernel(y_ptr, m_ptr, n_ptr, bias_ptr, N, n_out, stride_y,
+                  HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cmask = cols < n_out
+    mask = (rows[:, None] < N) & cmask[None, :]
+    c = tl.load(m_ptr + cols, mask=cmask, other=0.0).to(tl.float32) / tl.load(n_ptr + cols, mask=cmask, other=1.0)
+    ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :]
+    y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * c[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_kernel(g_ptr, y_ptr, m_ptr, n_ptr, gc_ptr, part_gy_ptr, part_g_ptr, N, n_out, stride_g, stride_y,
+                 stride_gc, HAS_BIAS: tl.constexpr, NEED_M: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr):
+    pid_r = tl.program_id(0)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cmask = cols < n_out
+    c = tl.load(m_ptr + cols, mask=cmask, other=0.0).to(tl.float32) / tl.load(n_ptr + cols, mask=cmask, other=1.0)
+    acc_gy = tl.zeros((BN,), dtype=tl.float32)
+    acc_g = tl.zeros((BN,), dtype=tl.float32)
+    for r0 in range(0, ROWS, BM):
+        rows = pid_r * ROWS + r0 + tl.arange(0, BM)
+        mask = (rows[:, None] < N) & cmask[None, :]
+        r64 = rows[:, None].to(tl.int64)
+        g = tl.load(g_ptr + r64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(gc_ptr + r64 * stride_gc + cols[None, :], (g * c[None, :]).to(gc_ptr.dtype.element_ty), mask=mask)
+        if NEED_M:
+            y = tl.load(y_ptr + r64 * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc_gy += tl.sum(g * y, axis=0)
+            if HAS_BIAS:
+                acc_g += tl.sum(g, axis=0)
+    if NEED_M:
+        tl.store(part_gy_ptr + pid_r * n_out + cols, acc_gy, mask=cmask)
+        if HAS_BIAS:
+            tl.store(part_g_ptr + pid_r * n_out + cols, acc_g, mask=cmask)
+
+
+@triton.jit
+def _grad_finish_kernel(part_gy_ptr, part_g_ptr, m_ptr, bias_ptr, dm_ptr, n_parts, n_out,
+                        HAS_BIAS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    parts = tl.arange(0, BP)
+    cmask = cols < n_out
+    mask = (parts[:, None] < n_parts) & cmask[None, :]
+    offs = parts[:, None] * n_out + cols[None, :]
+    gy = tl.sum(tl.load(part_gy_ptr + offs, mask=mask, other=0.0), axis=0)  # a fixed order: the same sum every run
+    if HAS_BIAS:
+        gs = tl.sum(tl.load(part_g_ptr + offs, mask=mask, other=0.0), axis=0)
+        gy -= tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * gs
+    m = tl.load(m_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
+    tl.store(dm_ptr + cols, (gy / m).to(dm_ptr.dtype.element_ty), mask=cmask)
+
+
+def _rows_per_program(n_rows: int) -> int:
+    """Rows each scale_grad program reduces: GRAD_ROWS, or more for long inputs so there are at most MAX_PARTS."""
+    return max(GRAD_ROWS, triton.next_power_of_2(triton.cdiv(n_rows, MAX_PARTS)))
+
+
+def weight_norm_tail(sq: torch.Tensor, b: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """n (out,) float32 from ‖W_i‖² (out,), B (out, r) and cross = 2s·W Aᵀ + s²·B (A Aᵀ) (out, r)."""
+    n_out, r = b.shape
+    b, cross = b.contiguous(), cross.contiguous()
+    n = torch.empty(n_out, device=b.device, dtype=torch.float32)
+    _norm_tail_kernel[(triton.cdiv(n_out, TAIL_BM),)](
+        sq.contiguous(), b, cross, n, n_out, r, b.stride(0), cross.stride(0),
+        BM=TAIL_BM, BR=max(16, triton.next_power_of_2(r)),
+    )
+    return n
+
+
+def scale_columns_(y: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """y (N, out) ← y ⊙ (m / n) + bias, in place; returns y."""
+    n_rows, n_out = y.shape
+    grid = (triton.cdiv(n_rows, SCALE_BM), triton.cdiv(n_out, SCALE_BN))
+    _scale_kernel[grid](
+        y, magnitude.contiguous(), norm.contiguous(), bias if bias is not None else y, n_rows, n_out, y.stride(0),
+        HAS_BIAS=bias is not None, BM=SCALE_BM, BN=SCALE_BN,
+    )
+    return y
+
+
+def scale_grad(g: torch.Tensor, y: torch.Tensor | None, magnitude: torch.Tensor, norm: torch.Tensor,
+               bias: torch.Tensor | None, m_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """gc = g ⊙ (m / n) (N, out) and, when the output y (N, out) is given, dm = (Σ g ⊙ y − b · Σ g) / m (out,)."""
+    g = g.contiguous()
+    n_rows, n_out = g.shape
+    need_m = y is not None
+    gc = torch.empty_like(g)
+    rows_per = _rows_per_program(n_rows)
+    n_parts = triton.cdiv(n_rows, rows_per)
+    has_bias = need_m and bias is not None
+    part_gy = torch.empty((n_parts, n_out) if need_m else (1,), device=g.device, dtype=torch.float32)
+    part_g = torch.empty((n_parts, n_out) if has_bias else (1,), device=g.device, dtype=torch.float32)
+    m = magnitude.contiguous()
+    n = norm.contiguous()
+    _grad_kernel[(n_parts, triton.cdiv(n_out, GRAD_BN))](
+        g, y if need_m else g, m, n, gc, part_gy, part_g, n_rows, n_out, g.stride(0),
+        y.stride(0) if need_m else 0, gc.stride(0),
+        HAS_BIAS=has_bias, NEED_M=need_m, ROWS=rows_per, BM=GRAD_BM, BN=GRAD_BN,
+    )
+    if not need_m:
+        return gc, None
+    dm = torch.empty(n_out, device=g.device, dtype=m_dtype)
+    _grad_finish_kernel[(triton.cdiv(n_out, GRAD_BN),)](
+        part_gy, part_g, m, bias if has_bias else m, dm, n_parts, n_out, HAS_BIAS=has_bias,
+        BP=max(2, triton.next_power_of_2(n_parts)), BN=GRAD_BN,
+    )
+    return gc, dm

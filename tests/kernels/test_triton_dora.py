@@ -1,0 +1,87 @@
+"""The DoRA Triton passes (kernels/_triton_dora.py) against the plain-PyTorch DoRA node they replace.
+
+Runs on CUDA; on a CPU only under Triton's interpreter (`TRITON_INTERPRET=1` with triton installed), else skips.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from adapterkit.kernels import dora as dora_mod
+
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+elif os.environ.get("TRITON_INTERPRET") == "1":
+    DEVICE = "cpu"
+else:
+    pytest.skip("the DoRA Triton passes need CUDA (or TRITON_INTERPRET=1 on a CPU)", allow_module_level=True)
+tk = pytest.importorskip("adapterkit.kernels._triton_dora", reason="triton is not installed")
+
+
+def factors(n_out: int, n_in: int, r: int, dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_out, n_in, generator=gen) / n_in**0.5
+    a = torch.randn(r, n_in, generator=gen) / n_in**0.5
+    b = torch.randn(n_out, r, generator=gen) * 0.1
+    m = (torch.linalg.vector_norm(w, dim=1) * (1 + 0.1 * torch.randn(n_out, generator=gen)))
+    bias = torch.randn(n_out, generator=gen) * 0.1
+    return [t.to(DEVICE, dtype) for t in (w, a, b, m, bias)]
+
+
+@pytest.mark.parametrize("r", [4, 16, 24])
+def test_weight_norm_tail_matches_torch(r):
+    w, a, b, _, _ = factors(200, 96, r, torch.float32)
+    sq = dora_mod.row_sq_norm(w)
+    cross = torch.addmm(w @ a.t(), b, a @ a.t(), beta=2.0 * 0.7, alpha=0.49)
+    got = tk.weight_norm_tail(sq, b, cross)
+    want = (sq + torch.linalg.vecdot(b, cross)).clamp(min=0).sqrt()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("rows", [37, 1100])  # one partial block, and several (GRAD_ROWS = 512)
+def test_scale_and_grad_passes_match_torch(bias, rows):
+    _, _, _, m, b = factors(300, 8, 4, torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    n = (m.abs() + 0.5) * 1.1
+    y = torch.randn(rows, 300, generator=gen).to(DEVICE)
+    g = torch.randn(rows, 300, generator=gen).to(DEVICE)
+    bias_t = b if bias else None
+    c = m / n
+    out = tk.scale_columns_(y.clone(), m, n, bias_t)
+    torch.testing.assert_close(out, y * c + (b if bias else 0), rtol=1e-6, atol=1e-6)
+    gc, dm = tk.scale_grad(g, out, m, n, bias_t, torch.float32)
+    torch.testing.assert_close(gc, g * c, rtol=1e-6, atol=1e-6)
+    want_dm = ((g * (out - (b if bias else 0))).sum(0)) / m
+    torch.testing.assert_close(dm, want_dm, rtol=1e-5, atol=1e-4)
+    gc2, none = tk.scale_grad(g, None, m, n, bias_t, torch.float32)
+    assert none is None and torch.equal(gc2, gc)
+
+
+def test_long_inputs_keep_the_partial_sums_within_one_program():
+    for rows in (1, 512, 513, 8192, 131072, 400_000):
+        per = tk._rows_per_program(rows)
+        assert per >= tk.GRAD_ROWS and -(-rows // per) <= tk.MAX_PARTS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_dora_node_with_triton_passes_matches_plain_node(dtype, bias):
+    w, a, b, m, bvec = factors(160, 64, 8, dtype)
+    bvec = bvec if bias else None
+    x = torch.randn(3, 50, 64, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
+    norm = dora_mod.dora_weight_norm(w, a, b, 0.5)
+    results = []
+    for use_triton in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (x, a, b, m)]
+        out = dora_mod._DoraLinearFn.apply(leaves[0], w, bvec, leaves[1], leaves[2], leaves[3], norm, 0.5, 0.0,
+                                           None, True, True, use_triton)
+        out.float().square().sum().backward()
+        results.append([out.detach().float()] + [t.grad.float() for t in leaves])
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for got, want in zip(results[1], results[0]):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
