@@ -31,14 +31,18 @@ def factors(n_out: int, n_in: int, r: int, dtype, seed: int = 0):
     return [t.to(DEVICE, dtype) for t in (w, a, b, m, bias)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("r", [4, 16, 24])
-def test_weight_norm_tail_matches_torch(r):
-    w, a, b, _, _ = factors(200, 96, r, torch.float32)
-    sq = dora_mod.row_sq_norm(w)
-    cross = torch.addmm(w @ a.t(), b, a @ a.t(), beta=2.0 * 0.7, alpha=0.49)
-    got = tk.weight_norm_tail(sq, b, cross)
-    want = (sq + torch.linalg.vecdot(b, cross)).clamp(min=0).sqrt()
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+def test_weight_norm_matches_torch(dtype, r, transposed):
+    w, a, b, _, _ = factors(200, 300, r, dtype)  # 300 columns: a partial last BK block
+    stored = w.t().contiguous() if transposed else w  # Conv1D stores (in, out)
+    w_lin = stored.t() if transposed else stored
+    got = tk.weight_norm(w_lin, a, b, 0.7)
+    want = torch.linalg.vector_norm(w.float() + 0.7 * b.float() @ a.float(), dim=1)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert got.dtype == torch.float32
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])

@@ -1,6 +1,6 @@
 """Triton kernels for the DoRA linear's per-column passes, so the scale c = m / n is never a tensor of its own.
 
-    weight_norm_tail:  n = sqrt(max(‖W_i‖² + Σ_k B_ik · cross_ik, 0))           one pass over (out, r)
+    weight_norm:       n = ‖W_i + s·(B A)_i‖, from ‖W_i‖², W Aᵀ and A Aᵀ        one pass over W, no (out, in) temporary
     scale_columns_:    y ← y ⊙ (m / n) + b, in place                               one pass over (N, out)
     scale_grad:        gc = g ⊙ (m / n);  dm = (Σ_N g ⊙ y − b · Σ_N g) / m       one pass over (N, out), then (out,)
 
@@ -15,22 +15,42 @@ import torch
 import triton
 import triton.language as tl
 
-TAIL_BM = 64
+NORM_BM, NORM_BK = 32, 128
 SCALE_BM, SCALE_BN = 32, 128
 GRAD_BM, GRAD_BN, GRAD_ROWS = 32, 128, 512  # each program of scale_grad reduces GRAD_ROWS (or more) rows of BN columns
 MAX_PARTS = 64  # partial column sums per column block, summed by one program
 
 
 @triton.jit
-def _norm_tail_kernel(sq_ptr, b_ptr, cross_ptr, n_ptr, n_out, R, stride_b, stride_c,
-                      BM: tl.constexpr, BR: tl.constexpr):
+def _norm_kernel(w_ptr, a_ptr, b_ptr, n_ptr, n_out, R, stride_wo, stride_wi, stride_a, stride_b, s,
+                 N_IN: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    # One pass over BM rows of W: ‖W_i‖², W Aᵀ and A Aᵀ accumulate together; then n from the rank-r identity.
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rr = tl.arange(0, BR)
     rmask = rows < n_out
-    m2 = rmask[:, None] & (rr[None, :] < R)
-    b = tl.load(b_ptr + rows[:, None] * stride_b + rr[None, :], mask=m2, other=0.0).to(tl.float32)
-    cross = tl.load(cross_ptr + rows[:, None] * stride_c + rr[None, :], mask=m2, other=0.0).to(tl.float32)
-    sq = tl.sum(b * cross, axis=1) + tl.load(sq_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    acc_wa = tl.zeros((BM, BR), dtype=tl.float32)
+    acc_aa = tl.zeros((BR, BR), dtype=tl.float32)
+    acc_sq = tl.zeros((BM,), dtype=tl.float32)
+    for k0 in range(0, N_IN, BK):
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < N_IN
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wo + cols[None, :].to(tl.int64) * stride_wi,
+                    mask=rmask[:, None] & cmask[None, :], other=0.0)  # (BM, BK)
+        a = tl.load(a_ptr + rr[:, None] * stride_a + cols[None, :], mask=(rr[:, None] < R) & cmask[None, :],
+                    other=0.0)  # (BR, BK)
+        wf = w.to(tl.float32)
+        acc_sq += tl.sum(wf * wf, axis=1)
+        af = a.to(tl.float32)
+        if IEEE:
+            acc_wa = tl.dot(wf, tl.trans(af), acc_wa, input_precision="ieee")
+        else:
+            # bf16 / fp16 values are exact in tf32: tensor cores, exact products, float32 sums
+            acc_wa = tl.dot(wf, tl.trans(af), acc_wa, input_precision="tf32")
+        acc_aa = tl.dot(af, tl.trans(af), acc_aa, input_precision="ieee")
+    b = tl.load(b_ptr + rows[:, None] * stride_b + rr[None, :], mask=rmask[:, None] & (rr[None, :] < R),
+                other=0.0).to(tl.float32)  # (BM, BR)
+    bg = tl.dot(b, acc_aa, input_precision="ieee")  # B (A Aᵀ)
+    sq = acc_sq + tl.sum(b * (2.0 * s * acc_wa + s * s * bg), axis=1)
     tl.store(n_ptr + rows, tl.sqrt(tl.maximum(sq, 0.0)), mask=rmask)
 
 
@@ -97,14 +117,16 @@ def _rows_per_program(n_rows: int) -> int:
     return max(GRAD_ROWS, triton.next_power_of_2(triton.cdiv(n_rows, MAX_PARTS)))
 
 
-def weight_norm_tail(sq: torch.Tensor, b: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
-    """n (out,) float32 from ‖W_i‖² (out,), B (out, r) and cross = 2s·W Aᵀ + s²·B (A Aᵀ) (out, r)."""
-    n_out, r = b.shape
-    b, cross = b.contiguous(), cross.contiguous()
-    n = torch.empty(n_out, device=b.device, dtype=torch.float32)
-    _norm_tail_kernel[(triton.cdiv(n_out, TAIL_BM),)](
-        sq.contiguous(), b, cross, n, n_out, r, b.stride(0), cross.stride(0),
-        BM=TAIL_BM, BR=max(16, triton.next_power_of_2(r)),
+def weight_norm(w_lin: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """n = ‖W_lin + s·B A‖ per output row (out,) float32 in one launch. w_lin: (out, in), any strides (a
+    transposed view for Conv1D); lora_a (r, in); lora_b (out, r)."""
+    n_out, n_in = w_lin.shape
+    r = lora_a.shape[0]
+    a, b = lora_a.detach().contiguous(), lora_b.detach().contiguous()
+    n = torch.empty(n_out, device=w_lin.device, dtype=torch.float32)
+    _norm_kernel[(triton.cdiv(n_out, NORM_BM),)](
+        w_lin, a, b, n, n_out, r, w_lin.stride(0), w_lin.stride(1), a.stride(0), b.stride(0), float(scaling),
+        N_IN=n_in, IEEE=w_lin.dtype == torch.float32, BM=NORM_BM, BK=NORM_BK, BR=max(16, triton.next_power_of_2(r)),
     )
     return n
 

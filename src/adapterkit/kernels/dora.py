@@ -50,6 +50,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .dora_reference import dora_linear_reference
 from .lora_linear import _scaled_mm, get_backend, torch_keep_mask
 
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _triton_mod = None  # the imported _triton_dora module, False when Triton is unusable, None before the first try
 
 
@@ -150,6 +151,15 @@ def cached_weight_sq_norm(weight: torch.Tensor, fan_in_fan_out: bool = False) ->
     return weight_sq_norm_cache.get(weight, fan_in_fan_out)
 
 
+def frozen_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                       fan_in_fan_out: bool = False) -> torch.Tensor:
+    """`dora_weight_norm` of a frozen base weight: one Triton launch on CUDA, else with ‖W‖² from the cache."""
+    if _use_triton(weight) and weight.dtype in _TRITON_DTYPES:
+        return dora_weight_norm(weight, lora_a, lora_b, scaling, fan_in_fan_out)
+    sq = cached_weight_sq_norm(weight, fan_in_fan_out)
+    return dora_weight_norm(weight, lora_a, lora_b, scaling, fan_in_fan_out, sq)
+
+
 def dora_weight_norm(
     weight: torch.Tensor,
     lora_a: torch.Tensor,
@@ -175,13 +185,16 @@ def dora_weight_norm(
     with torch.no_grad():
         w_lin = _as_out_in(weight, fan_in_fan_out)  # (out, in) view
         n_out, n_in = w_lin.shape
-        a = lora_a.detach().float()  # (r, in)
-        b = lora_b.detach().float()  # (out, r)
-        if a.shape[1] != n_in or b.shape[0] != n_out or a.shape[0] != b.shape[1]:
+        if lora_a.shape[1] != n_in or lora_b.shape[0] != n_out or lora_a.shape[0] != lora_b.shape[1]:
             raise ValueError(
                 f"DoRA factors do not fit the weight: weight as (out, in) = {(n_out, n_in)}, "
-                f"lora_a {tuple(a.shape)} (expected (r, {n_in})), lora_b {tuple(b.shape)} (expected ({n_out}, r))"
+                f"lora_a {tuple(lora_a.shape)} (expected (r, {n_in})), lora_b {tuple(lora_b.shape)} "
+                f"(expected ({n_out}, r))"
             )
+        if _use_triton(w_lin) and w_lin.dtype in _TRITON_DTYPES:
+            return _triton().weight_norm(w_lin, lora_a, lora_b, scaling)  # one launch, W read once
+        a = lora_a.detach().float()  # (r, in)
+        b = lora_b.detach().float()  # (out, r)
         if weight_sq_norm is None:
             weight_sq_norm = row_sq_norm(weight, fan_in_fan_out)
         if w_lin.dtype == torch.float32:
@@ -194,8 +207,6 @@ def dora_weight_norm(
             wa = torch.cat([w_lin[i:j].float() @ a.t() for i, j in _row_blocks(w_lin)])  # (out, r)
         # n² = ‖W‖² + rowsum(B ⊙ (2s·W Aᵀ + s²·B (A Aᵀ))): few launches, as this runs per layer per step.
         cross = torch.addmm(wa, b, a @ a.t(), beta=2.0 * scaling, alpha=scaling * scaling)  # (out, r)
-        if _use_triton(cross):
-            return _triton().weight_norm_tail(weight_sq_norm.float(), b, cross)
         sq = torch.linalg.vecdot(b, cross).add_(weight_sq_norm.float())
         return sq.clamp_(min=0.0).sqrt_()  # (out,)
 

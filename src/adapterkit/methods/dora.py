@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.dora import cached_weight_sq_norm, dora_weight_norm
+from ..kernels.dora import dora_weight_norm, frozen_weight_norm
 
 
 
@@ -67,8 +67,7 @@ class Magnitude(nn.Module):
             stored = layer.view.float_weight(base)  # dequantized each time the factors change
             norm = dora_weight_norm(stored, a, b, self.record.scaling, transposed)
         else:
-            sq = cached_weight_sq_norm(weight, transposed)  # ‖M_i‖² of the frozen base: once
-            norm = dora_weight_norm(weight, a, b, self.record.scaling, transposed, sq)
+            norm = frozen_weight_norm(weight, a, b, self.record.scaling, transposed)
         self.__dict__["_cache"] = (a, b, weight, versions, norm)
         return norm
 
