@@ -161,11 +161,12 @@ class Bnb4bitView(BaseView):
 
     @staticmethod
     def prepare(module: nn.Module) -> None:
-        """Keep the layer in bitsandbytes' standard layout while it carries an adapter.
+        """Keep the layer in bitsandbytes' standard layout once the model carries an adapter (`attach` prepares
+        every 4-bit layer of the model, adapted or not: gradients of lower adapters pass through it).
 
         bitsandbytes 0.50's CPU-packed layout (made by the first eval-mode forward on AVX512-BF16 CPUs) has no
         backward: a later training step silently gets no gradient through the layer (and fails when it has a bias).
-        So the repacking is turned off for adapted layers, and a layer packed already is put back in the standard
+        So the repacking is turned off, and a layer packed already is put back in the standard
         layout with the same values (`_unpack_for_training`).
         """
         if getattr(module, "support_avx512bf16_for_cpu", False):

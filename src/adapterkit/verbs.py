@@ -22,7 +22,7 @@ from .methods import method_for
 from .methods.base import AdapterWrapper, AttachContext
 from .methods.modules_to_save import TrainableCopy
 from .methods.trainable_tokens import TiedTokensHead, TrainableTokens
-from .quantized import dequantize_model, to_linear
+from .quantized import dequantize_model, quantized_view, to_linear
 from .state import STATE_ATTR, AdapterState, adapter_state, require_state, unwrap
 from .structure import base_of, embeddings_tied, iter_modules, replace_module, shared_tensor_ids
 from .targeting import expand_targets, find_modules_to_save, find_targets, find_token_targets
@@ -104,10 +104,13 @@ def attach(
             install(model)
     ctx = AttachContext(dtype=dtype, init=init)
     ctx.shared["model"] = model  # for layers that hook the model itself (prompt tuning)
-    for path, module, layer in plan:
-        view = view_of(module) if not isinstance(module, layer) else None
+    # Every quantized layer, adapted or not, gets its training-safe layout (a 4-bit layer's, quantized.py): the
+    # gradient of an adapter passes through the layers above it, and bitsandbytes' CPU-packed layout has no backward.
+    for module in model.modules():
+        view = quantized_view(module)
         if view is not None:
-            view.prepare(module)  # e.g. a 4-bit layer's training-safe layout (quantized.py)
+            view.prepare(module)
+    for path, module, layer in plan:
         wrapper = module if isinstance(module, layer) else layer(module)
         if wrapper is not module:
             replace_module(model, path, wrapper)

@@ -148,7 +148,7 @@ def test_bad_configs_refused():
     with pytest.raises(ak.ConfigError, match="feedforward_modules is not set and there is no default"):
         ak.attach(model, ak.IA3Config(target_modules=["stem"]))
     assert_unchanged(model, before)
-    with pytest.raises(ak.TargetError, match="IA3 applies to conv1d, conv2d, linear layers"):
+    with pytest.raises(ak.TargetError, match="IA3 applies to bnb4bit, bnb8bit, conv1d, conv2d, linear layers"):
         ak.attach(build("llama"), ak.IA3Config(target_modules=["embed_tokens"], feedforward_modules=[]))
 
 

@@ -21,6 +21,7 @@ from .adalora import AdaLoraConfig, AdaLoraLinear
 from .adalora import summary as adalora_summary
 from .base import AdapterWrapper
 from .ia3 import IA3Config, IA3Conv2d, IA3Linear
+from .ia3_bnb import IA3BnbLinear
 from .lora import LoraEmbedding, LoraLinear
 from . import loha, lokr
 from .loha import LoHaConfig, LoHaLayer
@@ -111,9 +112,11 @@ register(Method("LORA", LoraConfig, {"linear": LoraLinear, "conv1d": LoraLinear,
                                      "parameter": LoraParam}))
 register(Method("LOHA", LoHaConfig, {"linear": LoHaLayer, "conv2d": LoHaLayer}, summary=loha.summary))
 register(Method("LOKR", LoKrConfig, {"linear": LoKrLayer, "conv2d": LoKrLayer}, summary=lokr.summary))
-register(Method("IA3", IA3Config, {"linear": IA3Linear, "conv1d": IA3Linear, "conv2d": IA3Conv2d}))
+register(Method("IA3", IA3Config, {"linear": IA3Linear, "conv1d": IA3Linear, "conv2d": IA3Conv2d,
+                                   "bnb4bit": IA3BnbLinear, "bnb8bit": IA3BnbLinear}))
 register(Method("VERA", VeraConfig, {"linear": VeraLinear, "conv1d": VeraLinear}))
 register(Method("OFT", OFTConfig, {"linear": OFTLinear, "conv2d": OFTConv2d, "embedding": OFTEmbedding}))
-register(Method("ADALORA", AdaLoraConfig, {"linear": AdaLoraLinear, "conv1d": AdaLoraLinear},
+register(Method("ADALORA", AdaLoraConfig, {"linear": AdaLoraLinear, "conv1d": AdaLoraLinear,
+                                           "bnb4bit": AdaLoraLinear, "bnb8bit": AdaLoraLinear},
                 summary=adalora_summary))
 register(Method("PROMPT_TUNING", PromptTuningConfig, {}, plan=prompt_tuning_plan, summary=prompt_tuning_summary))
