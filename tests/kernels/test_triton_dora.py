@@ -35,10 +35,10 @@ def factors(n_out: int, n_in: int, r: int, dtype, seed: int = 0):
 @pytest.mark.parametrize("r", [4, 16, 24])
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
 def test_weight_norm_matches_torch(dtype, r, transposed):
-    w, a, b, _, _ = factors(200, 300, r, dtype)  # 300 columns: a partial last BK block
+    w, a, b, _, _ = factors(200, 300, r, dtype)  # 300 columns: a partial last BK block of A
     stored = w.t().contiguous() if transposed else w  # Conv1D stores (in, out)
     w_lin = stored.t() if transposed else stored
-    got = tk.weight_norm(w_lin, a, b, 0.7)
+    got = tk.weight_norm(dora_mod.row_sq_norm(w_lin), w_lin @ a.t(), a, b, 0.7)
     want = torch.linalg.vector_norm(w.float() + 0.7 * b.float() @ a.float(), dim=1)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)

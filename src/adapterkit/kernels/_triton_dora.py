@@ -1,6 +1,6 @@
 """Triton kernels for the DoRA linear's per-column passes, so the scale c = m / n is never a tensor of its own.
 
-    weight_norm:       n = ‖W_i + s·(B A)_i‖, from ‖W_i‖², W Aᵀ and A Aᵀ        one pass over W, no (out, in) temporary
+    weight_norm:       n = ‖W_i + s·(B A)_i‖ from ‖W_i‖² (cached), W Aᵀ (cuBLAS) and A Aᵀ      over (out, r) and A
     scale_columns_:    y ← y ⊙ (m / n) + b, in place                               one pass over (N, out)
     scale_grad:        gc = g ⊙ (m / n);  dm = (Σ_N g ⊙ y − b · Σ_N g) / m       one pass over (N, out), then (out,)
 
@@ -15,42 +15,31 @@ import torch
 import triton
 import triton.language as tl
 
-NORM_BM, NORM_BK = 32, 128
+NORM_BM, NORM_BK = 64, 128
 SCALE_BM, SCALE_BN = 32, 128
-GRAD_BM, GRAD_BN, GRAD_ROWS = 32, 128, 512  # each program of scale_grad reduces GRAD_ROWS (or more) rows of BN columns
+GRAD_BM, GRAD_BN, GRAD_ROWS = 32, 128, 128  # each program of scale_grad reduces GRAD_ROWS (or more) rows of BN columns
 MAX_PARTS = 64  # partial column sums per column block, summed by one program
 
 
 @triton.jit
-def _norm_kernel(w_ptr, a_ptr, b_ptr, n_ptr, n_out, R, stride_wo, stride_wi, stride_a, stride_b, s,
-                 N_IN: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-    # One pass over BM rows of W: ‖W_i‖², W Aᵀ and A Aᵀ accumulate together; then n from the rank-r identity.
+def _norm_kernel(sq_ptr, wa_ptr, a_ptr, b_ptr, n_ptr, n_out, R, stride_wa, stride_a, stride_b, s,
+                 N_IN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    # n_i² = ‖W_i‖² + Σ_k B_ik (2s·(W Aᵀ)_ik + s²·(B (A Aᵀ))_ik). A Aᵀ (r, r) is summed here in float32 from A,
+    # which every program reads (r × in: L2-resident); W Aᵀ comes from cuBLAS, ‖W‖² from the frozen weight's cache.
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rr = tl.arange(0, BR)
     rmask = rows < n_out
-    acc_wa = tl.zeros((BM, BR), dtype=tl.float32)
     acc_aa = tl.zeros((BR, BR), dtype=tl.float32)
-    acc_sq = tl.zeros((BM,), dtype=tl.float32)
     for k0 in range(0, N_IN, BK):
         cols = k0 + tl.arange(0, BK)
-        cmask = cols < N_IN
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wo + cols[None, :].to(tl.int64) * stride_wi,
-                    mask=rmask[:, None] & cmask[None, :], other=0.0)  # (BM, BK)
-        a = tl.load(a_ptr + rr[:, None] * stride_a + cols[None, :], mask=(rr[:, None] < R) & cmask[None, :],
-                    other=0.0)  # (BR, BK)
-        wf = w.to(tl.float32)
-        acc_sq += tl.sum(wf * wf, axis=1)
-        af = a.to(tl.float32)
-        if IEEE:
-            acc_wa = tl.dot(wf, tl.trans(af), acc_wa, input_precision="ieee")
-        else:
-            # bf16 / fp16 values are exact in tf32: tensor cores, exact products, float32 sums
-            acc_wa = tl.dot(wf, tl.trans(af), acc_wa, input_precision="tf32")
-        acc_aa = tl.dot(af, tl.trans(af), acc_aa, input_precision="ieee")
-    b = tl.load(b_ptr + rows[:, None] * stride_b + rr[None, :], mask=rmask[:, None] & (rr[None, :] < R),
-                other=0.0).to(tl.float32)  # (BM, BR)
+        a = tl.load(a_ptr + rr[:, None] * stride_a + cols[None, :], mask=(rr[:, None] < R) & (cols[None, :] < N_IN),
+                    other=0.0).to(tl.float32)  # (BR, BK)
+        acc_aa = tl.dot(a, tl.trans(a), acc_aa, input_precision="ieee")
+    m2 = rmask[:, None] & (rr[None, :] < R)
+    b = tl.load(b_ptr + rows[:, None] * stride_b + rr[None, :], mask=m2, other=0.0).to(tl.float32)  # (BM, BR)
+    wa = tl.load(wa_ptr + rows[:, None] * stride_wa + rr[None, :], mask=m2, other=0.0).to(tl.float32)
     bg = tl.dot(b, acc_aa, input_precision="ieee")  # B (A Aᵀ)
-    sq = acc_sq + tl.sum(b * (2.0 * s * acc_wa + s * s * bg), axis=1)
+    sq = tl.load(sq_ptr + rows, mask=rmask, other=0.0) + tl.sum(b * (2.0 * s * wa + s * s * bg), axis=1)
     tl.store(n_ptr + rows, tl.sqrt(tl.maximum(sq, 0.0)), mask=rmask)
 
 
@@ -117,16 +106,17 @@ def _rows_per_program(n_rows: int) -> int:
     return max(GRAD_ROWS, triton.next_power_of_2(triton.cdiv(n_rows, MAX_PARTS)))
 
 
-def weight_norm(w_lin: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """n = ‖W_lin + s·B A‖ per output row (out,) float32 in one launch. w_lin: (out, in), any strides (a
-    transposed view for Conv1D); lora_a (r, in); lora_b (out, r)."""
-    n_out, n_in = w_lin.shape
-    r = lora_a.shape[0]
-    a, b = lora_a.detach().contiguous(), lora_b.detach().contiguous()
-    n = torch.empty(n_out, device=w_lin.device, dtype=torch.float32)
+def weight_norm(sq: torch.Tensor, wa: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+    """n = ‖W_lin + s·B A‖ per output row (out,) float32, from ‖W_i‖² (out,) float32, W_lin Aᵀ (out, r) in any
+    float dtype, lora_a (r, in) and lora_b (out, r): one launch, no (out, in) read."""
+    n_out, r = lora_b.shape
+    n_in = lora_a.shape[1]
+    a, b, wa = lora_a.detach().contiguous(), lora_b.detach().contiguous(), wa.contiguous()
+    n = torch.empty(n_out, device=b.device, dtype=torch.float32)
     _norm_kernel[(triton.cdiv(n_out, NORM_BM),)](
-        w_lin, a, b, n, n_out, r, w_lin.stride(0), w_lin.stride(1), a.stride(0), b.stride(0), float(scaling),
-        N_IN=n_in, IEEE=w_lin.dtype == torch.float32, BM=NORM_BM, BK=NORM_BK, BR=max(16, triton.next_power_of_2(r)),
+        sq, wa, a, b, n, n_out, r, wa.stride(0), a.stride(0), b.stride(0), float(scaling),
+        N_IN=n_in, BM=NORM_BM, BK=NORM_BK, BR=max(16, triton.next_power_of_2(r)),
     )
     return n
 
