@@ -217,3 +217,18 @@ def test_cuda_training_step_memory_saves_no_dropout_copy():
     saved = torch.cuda.memory_allocated() - before - y.numel() * y.element_size()
     # Only x (already alive, shared) and x·Aᵀ (N·r) are kept: far under one copy of x.
     assert saved < x.numel() * x.element_size() // 4
+
+
+def test_inference_path_without_autograd_matches_the_node():
+    """Under no_grad the forward runs its GEMMs without the autograd node: same values, no graph."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 32, generator=gen)
+    w, bias = torch.randn(24, 32, generator=gen), torch.randn(24, generator=gen)
+    a, b = torch.randn(4, 32, generator=gen), torch.randn(24, 4, generator=gen)
+    want = lora_linear(x, w, bias, a.requires_grad_(), b.requires_grad_(), 0.5)
+    with torch.no_grad():
+        got = lora_linear(x, w, bias, a, b, 0.5)
+        got_nobias = lora_linear(x, w, None, a, b, 0.5)
+    assert got.grad_fn is None and want.grad_fn is not None
+    torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_nobias, x @ w.t() + 0.5 * (x @ a.t()) @ b.t(), rtol=1e-5, atol=1e-5)

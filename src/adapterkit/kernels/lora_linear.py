@@ -262,6 +262,12 @@ def lora_linear(
         base = F.linear(x, weight, bias)
         h = F.dropout(x.to(lora_a.dtype), p, p > 0.0)
         return base + (F.linear(F.linear(h, lora_a), lora_b.to(lora_a.dtype)) * scaling).to(base.dtype)
+    if p == 0.0 and not torch.is_grad_enabled():
+        # Inference (decode is launch-bound): the forward's three GEMMs without an autograd node around them.
+        x2d = x.reshape(-1, x.shape[-1])
+        out = _scaled_mm(torch.mm(x2d, lora_a.t()), lora_b.t(), float(scaling), bias)
+        out.addmm_(x2d, (weight() if packed else weight).t())
+        return out.view(*x.shape[:-1], out.shape[-1])
     if torch.compiler.is_compiling() or isinstance(seed, torch.Tensor):
         # The Triton kernels take a Python int seed, which a traced graph cannot produce without a break.
         if p > 0.0 and seed is None:
