@@ -34,7 +34,10 @@ def test_rebuild_is_off_by_default_and_switchable() -> None:
     plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**__import__("os").environ, "ADAPTERKIT_LORA_RECOMPUTE": "1"})
-    assert (plain.stdout.strip(), forced.stdout.strip()) == ("False", "True")
+    products = subprocess.run([sys.executable, "-c", code.replace("enabled", "mode")], capture_output=True,
+                              text=True, check=True,
+                              env={**__import__("os").environ, "ADAPTERKIT_LORA_RECOMPUTE": "products"})
+    assert (plain.stdout.strip(), forced.stdout.strip(), products.stdout.strip()) == ("False", "True", "products")
 
 
 def _model(dtype, dropout):
@@ -71,6 +74,29 @@ def test_gradients_are_bit_identical_and_the_inputs_are_not_kept(dtype, dropout,
     # Per layer: the two norm outputs (hidden 32) and SwiGLU's product (64) are no longer kept, 2x9 tokens each.
     saved = 2 * (2 * 32 + 64) * 2 * 9 * dtype.itemsize
     assert kept_all - kept == saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_products_mode_rebuilds_only_the_swiglu_product(dtype, recompute_off):
+    set_input_recompute("products")
+    assert recompute.input_recompute_mode() == "products"
+    model = _model(dtype, 0.0)
+    got, kept = _run(model)
+    recompute_off()
+    want, kept_all = _run(model)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    # Per layer only SwiGLU's product (intermediate 64) is no longer kept; the norm outputs still are.
+    assert kept_all - kept == 2 * 64 * 2 * 9 * dtype.itemsize
+
+
+def test_recompute_modes_are_checked():
+    with pytest.raises(ValueError, match="products"):
+        set_input_recompute("sometimes")
+    set_input_recompute(False)
+    assert recompute.input_recompute_mode() == "off" and not recompute.input_recompute_enabled()
+    set_input_recompute(True)
+    assert recompute.input_recompute_mode() == "all"
 
 
 def test_checkpointed_layers_still_get_the_same_gradients(recompute_off):

@@ -4,8 +4,8 @@
 """
 
 from .lora_linear import dropout_mask, get_backend, lora_linear, set_backend
-from .recompute import input_recompute_enabled, set_input_recompute
+from .recompute import input_recompute_enabled, input_recompute_mode, set_input_recompute
 from .reference import lora_linear_reference
 
 __all__ = ["dropout_mask", "get_backend", "lora_linear", "lora_linear_reference", "set_backend",
-           "input_recompute_enabled", "set_input_recompute"]
+           "input_recompute_enabled", "input_recompute_mode", "set_input_recompute"]

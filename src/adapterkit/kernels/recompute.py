@@ -12,22 +12,34 @@ from typing import Callable
 
 import torch
 
-# Off by default: on an H200 (Llama-3.2-1B shape, bf16, 8x1024, all-linear r=16) it brings LoRA's memory over the
-# frozen base from +3.09 GiB to +0.09 GiB but the step from 1.13x to 1.21x the base (bench/README.md).
-_enabled = os.environ.get("ADAPTERKIT_LORA_RECOMPUTE", "0") == "1"
+# Modes: "off" (every LoRA input saved, as PyTorch would), "products" (only an input that is a product of two tensors
+# autograd saved anyway, as SwiGLU's act(gate) * up feeding down_proj: one multiply in backward), "all" (also
+# RMSNorm outputs, rebuilt by every projection that reads them). Measured on an H200 (Llama-3.2-1B shape, bf16,
+# 8x1024, all-linear r=16): see bench/README.md ("all": +0.09 GiB over the frozen base at 1.21x the base).
+MODES = ("off", "products", "all")
+_ENV = {"0": "off", "": "off", "1": "all", "all": "all", "products": "products", "off": "off"}
+_mode = _ENV.get(os.environ.get("ADAPTERKIT_LORA_RECOMPUTE", "0").strip().lower(), "off")
 _MAX_DEPTH = 3  # weight * to(h * r): three nodes deep at most
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def set_input_recompute(enabled: bool) -> None:
-    """Turn recomputing LoRA inputs in backward on (less memory, a slower step) or off (the default: every LoRA input
-    saved, as PyTorch would). `ADAPTERKIT_LORA_RECOMPUTE=1` turns it on for a whole process."""
-    global _enabled
-    _enabled = bool(enabled)
+def set_input_recompute(enabled: bool | str) -> None:
+    """Rebuild LoRA inputs in backward instead of saving them: True / "all", "products" (only products of saved
+    tensors: the MLP's down_proj input), False / "off" (the default). `ADAPTERKIT_LORA_RECOMPUTE=1|all|products`
+    sets it for a whole process."""
+    global _mode
+    mode = {True: "all", False: "off"}.get(enabled, enabled) if isinstance(enabled, bool) else enabled
+    if mode not in MODES:
+        raise ValueError(f"input recompute mode must be one of {MODES} (or a bool), got {enabled!r}")
+    _mode = mode
 
 
 def input_recompute_enabled() -> bool:
-    return _enabled
+    return _mode != "off"
+
+
+def input_recompute_mode() -> str:
+    return _mode
 
 
 def _operand(node, index: int, out: torch.Tensor | None, depth: int):
@@ -68,10 +80,12 @@ def input_recipe(x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
     when the producing node has not run its own backward yet: it consumes the gradient of x).
     """
     node = x.grad_fn
-    if not _enabled or node is None or type(node).__name__ != "MulBackward0" or torch.compiler.is_compiling():
+    if _mode == "off" or node is None or type(node).__name__ != "MulBackward0" or torch.compiler.is_compiling():
         return None
     if not _hooks_allow():
         return None
+    if _mode == "products" and any(f is None for f, _ in node.next_functions[:2]):
+        return None  # an operand without grad (a norm's weight): rebuilding would mean a chain of passes, not one
     return _recipe(node, x, 0)
 
 
