@@ -22,36 +22,37 @@ MAX_PARTS = 64  # partial column sums per column block, summed by one program
 
 
 @triton.jit
-def _norm_kernel(sq_ptr, wa_ptr, a_ptr, b_ptr, n_ptr, n_out, R, stride_wa, stride_a, stride_b, s,
+def _norm_kernel(sq_ptr, wa_ptr, a_ptr, b_ptr, n_ptr, n_out, R, s,
                  N_IN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     # n_i² = ‖W_i‖² + Σ_k B_ik (2s·(W Aᵀ)_ik + s²·(B (A Aᵀ))_ik). A Aᵀ (r, r) is summed here in float32 from A,
     # which every program reads (r × in: L2-resident); W Aᵀ comes from cuBLAS, ‖W‖² from the frozen weight's cache.
+    # All operands contiguous (rows of R, N_IN): fewer launch arguments, as this runs per layer per step.
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rr = tl.arange(0, BR)
     rmask = rows < n_out
     acc_aa = tl.zeros((BR, BR), dtype=tl.float32)
     for k0 in range(0, N_IN, BK):
         cols = k0 + tl.arange(0, BK)
-        a = tl.load(a_ptr + rr[:, None] * stride_a + cols[None, :], mask=(rr[:, None] < R) & (cols[None, :] < N_IN),
+        a = tl.load(a_ptr + rr[:, None] * N_IN + cols[None, :], mask=(rr[:, None] < R) & (cols[None, :] < N_IN),
                     other=0.0).to(tl.float32)  # (BR, BK)
         acc_aa = tl.dot(a, tl.trans(a), acc_aa, input_precision="ieee")
     m2 = rmask[:, None] & (rr[None, :] < R)
-    b = tl.load(b_ptr + rows[:, None] * stride_b + rr[None, :], mask=m2, other=0.0).to(tl.float32)  # (BM, BR)
-    wa = tl.load(wa_ptr + rows[:, None] * stride_wa + rr[None, :], mask=m2, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + rows[:, None] * R + rr[None, :], mask=m2, other=0.0).to(tl.float32)  # (BM, BR)
+    wa = tl.load(wa_ptr + rows[:, None] * R + rr[None, :], mask=m2, other=0.0).to(tl.float32)
     bg = tl.dot(b, acc_aa, input_precision="ieee")  # B (A Aᵀ)
     sq = tl.load(sq_ptr + rows, mask=rmask, other=0.0) + tl.sum(b * (2.0 * s * wa + s * s * bg), axis=1)
     tl.store(n_ptr + rows, tl.sqrt(tl.maximum(sq, 0.0)), mask=rmask)
 
 
 @triton.jit
-def _scale_kernel(y_ptr, m_ptr, n_ptr, bias_ptr, N, n_out, stride_y,
+def _scale_kernel(y_ptr, m_ptr, n_ptr, bias_ptr, N, n_out,
                   HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     cmask = cols < n_out
     mask = (rows[:, None] < N) & cmask[None, :]
     c = tl.load(m_ptr + cols, mask=cmask, other=0.0).to(tl.float32) / tl.load(n_ptr + cols, mask=cmask, other=1.0)
-    ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :]
+    ptrs = y_ptr + rows[:, None].to(tl.int64) * n_out + cols[None, :]
     y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * c[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -59,8 +60,8 @@ def _scale_kernel(y_ptr, m_ptr, n_ptr, bias_ptr, N, n_out, stride_y,
 
 
 @triton.jit
-def _grad_kernel(g_ptr, y_ptr, m_ptr, n_ptr, gc_ptr, part_gy_ptr, part_g_ptr, N, n_out, stride_g, stride_y,
-                 stride_gc, HAS_BIAS: tl.constexpr, NEED_M: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr,
+def _grad_kernel(g_ptr, y_ptr, m_ptr, n_ptr, gc_ptr, part_gy_ptr, part_g_ptr, N, n_out,
+                 HAS_BIAS: tl.constexpr, NEED_M: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr):
     pid_r = tl.program_id(0)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -71,11 +72,11 @@ def _grad_kernel(g_ptr, y_ptr, m_ptr, n_ptr, gc_ptr, part_gy_ptr, part_g_ptr, N,
     for r0 in range(0, ROWS, BM):
         rows = pid_r * ROWS + r0 + tl.arange(0, BM)
         mask = (rows[:, None] < N) & cmask[None, :]
-        r64 = rows[:, None].to(tl.int64)
-        g = tl.load(g_ptr + r64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(gc_ptr + r64 * stride_gc + cols[None, :], (g * c[None, :]).to(gc_ptr.dtype.element_ty), mask=mask)
+        r64 = rows[:, None].to(tl.int64) * n_out  # g, y and gc: contiguous (N, out)
+        g = tl.load(g_ptr + r64 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(gc_ptr + r64 + cols[None, :], (g * c[None, :]).to(gc_ptr.dtype.element_ty), mask=mask)
         if NEED_M:
-            y = tl.load(y_ptr + r64 * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + r64 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             acc_gy += tl.sum(g * y, axis=0)
             if HAS_BIAS:
                 acc_g += tl.sum(g, axis=0)
@@ -115,7 +116,7 @@ def weight_norm(sq: torch.Tensor, wa: torch.Tensor, lora_a: torch.Tensor, lora_b
     a, b, wa = lora_a.detach().contiguous(), lora_b.detach().contiguous(), wa.contiguous()
     n = torch.empty(n_out, device=b.device, dtype=torch.float32)
     _norm_kernel[(triton.cdiv(n_out, NORM_BM),)](
-        sq, wa, a, b, n, n_out, r, wa.stride(0), a.stride(0), b.stride(0), float(scaling),
+        sq, wa, a, b, n, n_out, r, float(scaling),
         N_IN=n_in, BM=NORM_BM, BK=NORM_BK, BR=max(16, triton.next_power_of_2(r)),
     )
     return n
@@ -123,11 +124,14 @@ def weight_norm(sq: torch.Tensor, wa: torch.Tensor, lora_a: torch.Tensor, lora_b
 
 def scale_columns_(y: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
-    """y (N, out) ← y ⊙ (m / n) + bias, in place; returns y."""
+    """y (N, out), contiguous, ← y ⊙ (m / n) + bias, in place; returns y. magnitude, norm, bias: (out,)."""
+    if not y.is_contiguous():
+        raise ValueError("scale_columns_ writes a contiguous (N, out) output in place")
+    bias = bias.contiguous() if bias is not None else None
     n_rows, n_out = y.shape
     grid = (triton.cdiv(n_rows, SCALE_BM), triton.cdiv(n_out, SCALE_BN))
     _scale_kernel[grid](
-        y, magnitude.contiguous(), norm.contiguous(), bias if bias is not None else y, n_rows, n_out, y.stride(0),
+        y, magnitude, norm, bias if bias is not None else y, n_rows, n_out,
         HAS_BIAS=bias is not None, BM=SCALE_BM, BN=SCALE_BN,
     )
     return y
@@ -137,6 +141,8 @@ def scale_grad(g: torch.Tensor, y: torch.Tensor | None, magnitude: torch.Tensor,
                bias: torch.Tensor | None, m_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """gc = g ⊙ (m / n) (N, out) and, when the output y (N, out) is given, dm = (Σ g ⊙ y − b · Σ g) / m (out,)."""
     g = g.contiguous()
+    y = y.contiguous() if y is not None else None
+    bias = bias.contiguous() if bias is not None else None
     n_rows, n_out = g.shape
     need_m = y is not None
     gc = torch.empty_like(g)
@@ -145,18 +151,15 @@ def scale_grad(g: torch.Tensor, y: torch.Tensor | None, magnitude: torch.Tensor,
     has_bias = need_m and bias is not None
     part_gy = torch.empty((n_parts, n_out) if need_m else (1,), device=g.device, dtype=torch.float32)
     part_g = torch.empty((n_parts, n_out) if has_bias else (1,), device=g.device, dtype=torch.float32)
-    m = magnitude.contiguous()
-    n = norm.contiguous()
     _grad_kernel[(n_parts, triton.cdiv(n_out, GRAD_BN))](
-        g, y if need_m else g, m, n, gc, part_gy, part_g, n_rows, n_out, g.stride(0),
-        y.stride(0) if need_m else 0, gc.stride(0),
+        g, y if need_m else g, magnitude, norm, gc, part_gy, part_g, n_rows, n_out,
         HAS_BIAS=has_bias, NEED_M=need_m, ROWS=rows_per, BM=GRAD_BM, BN=GRAD_BN,
     )
     if not need_m:
         return gc, None
     dm = torch.empty(n_out, device=g.device, dtype=m_dtype)
     _grad_finish_kernel[(triton.cdiv(n_out, GRAD_BN),)](
-        part_gy, part_g, m, bias if has_bias else m, dm, n_parts, n_out, HAS_BIAS=has_bias,
+        part_gy, part_g, magnitude, bias if has_bias else magnitude, dm, n_parts, n_out, HAS_BIAS=has_bias,
         BP=max(2, triton.next_power_of_2(n_parts)), BN=GRAD_BN,
     )
     return gc, dm
