@@ -4,7 +4,8 @@
 
 Tables hold every adapter of a layer padded to one rank R (zero padding keeps the products exact) with the scaling
 folded into B; slot 0 is all zeros (rows without an adapter). On CUDA (bf16/fp16/fp32, no autograd) one Triton
-launch covers the whole batch, prefill or decode; elsewhere the plain-PyTorch reference runs (a gather and two bmm).
+launch covers the whole batch (a decode kernel for one token per row); elsewhere the plain-PyTorch reference runs
+(a gather and two bmm).
 `RoutedLinear` is one layer's update for a routed block, with the path and launch settled once when it is made.
 """
 
@@ -20,8 +21,8 @@ from ..errors import ConfigError
 
 _triton_mod = None  # the imported _triton_gathered module, False when Triton is unusable, None before the first try
 # "auto": the Triton kernel for decode (one token per row) only. Measured on an H200 (bench/serve.py, Llama-3.2-1B
-# shape, bf16): at prefill (32x256, 8 adapters) the torch gather path took 57.7 ms and the kernel 84.5 ms; at decode
-# (64x1, 32 adapters) 45.8 and 44.1 ms. "torch" / "triton" force one path.
+# shape, bf16): at prefill (32x256, 8 adapters) the torch gather path took 57.7 ms and the tl.dot kernel 84.5 ms.
+# "torch" / "triton" force one path.
 _BACKEND = os.environ.get("ADAPTERKIT_GATHERED_BACKEND", "auto")
 # Triton's CPU interpreter runs kernels on CPU tensors: then the kernel path is taken off CUDA too (tests, debugging).
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
