@@ -288,6 +288,20 @@ def test_decode_kernel_matches_reference(kernels, dtype, rows, n_in, n_out):
     torch.testing.assert_close(out.double(), want, atol=3e-2 * want.abs().max().item(), rtol=3e-2)
 
 
+@kernel_device
+def test_decode_kernel_rank_one_table(kernels):
+    """Rank-1 adapters in a rank-1 table (the narrowest rank block), every row adapted."""
+    a_tab, b_tab, index, x, y = _inputs([1, 1], 1, 5, 1, 40, 24, torch.float32, none_every=9)
+    index[0] = 1
+    routed = RoutedLinear(a_tab, b_tab, index)
+    want = gathered_lora_reference(x.double(), a_tab.double(), b_tab.double(), index, y.double())
+    with torch.no_grad():
+        got = routed(x, y.clone())
+    assert routed.decode.meta["BR"] == 4
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(got, y)
+
+
 def test_decode_blocks_at_the_llama_shape(kernels):
     """Splits per linear at Llama-3.2-1B (64 rows, bf16, R=16), as the kernel's docstring counts its traffic."""
     shapes = {"q": (2048, 2048), "k": (2048, 512), "v": (2048, 512), "o": (2048, 2048), "gate": (2048, 8192),

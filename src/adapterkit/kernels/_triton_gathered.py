@@ -17,8 +17,8 @@ dtype (fp32 accumulation) as the unrouted layer rounds lora_A's output, then add
   shrink/expand would read A once per row (640 KB, saving ≈ 27% of those 118 MB) but costs a second launch per
   linear (eager decode is launch bound) and a scratch tensor for h.
   Tiles are 32 KB (16K bf16 elements) with 8 warps, so each program keeps 32 KB of loads in flight (what one SM
-  needs to cover memory latency) at 64 elements a thread; K, N and R are constexpr (fixed per layer), so the
-  launch passes only the five tensors.
+  needs to cover memory latency) at 64 elements a thread (plus 64 fp32 partial sums of h, reduced once after the
+  K loop); K, N and R are constexpr (fixed per layer), so the launch passes only the five tensors.
 Imported only where Triton can run, by `gathered_lora.py`.
 """
 
@@ -49,14 +49,15 @@ def _gathered_decode_kernel(
     r_ok = offs_r < R
 
     a_slot = a_ptr + slot * (R * K)
-    h = tl.zeros((BR,), dtype=tl.float32)
+    acc = tl.zeros((BR, BK), dtype=tl.float32)  # per-lane partial sums: one cross-thread reduction, after the loop
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_ok = offs_k < K
         x = tl.load(x_ptr + row * K + offs_k, mask=k_ok, other=0.0).to(tl.float32)  # (BK,)
         a = tl.load(a_slot + offs_r[:, None] * K + offs_k[None, :],
                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)  # (BR, BK)
-        h += tl.sum(a.to(tl.float32) * x[None, :], axis=1)  # (BR,)
+        acc += a.to(tl.float32) * x[None, :]
+    h = tl.sum(acc, axis=1)  # (BR,) fp32
     h = h.to(a_ptr.dtype.element_ty).to(tl.float32)  # the unrouted layer's lora_A output is in the adapter dtype
 
     b_slot = b_ptr + slot * (N * R)
