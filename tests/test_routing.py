@@ -3,6 +3,7 @@ fixed-capacity serving tables (put / replace / remove by copy) and no recompiles
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -86,6 +87,29 @@ def test_generate_with_kv_cache_matches_each_row_alone():
         for step_mixed, step_single in zip(mixed.scores, single.scores):
             torch.testing.assert_close(step_mixed[i], step_single[0], atol=ATOL, rtol=0)
     assert len({tuple(s.tolist()) for s in mixed.sequences[:, 5:]}) > 1
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="the decode kernel needs CUDA (or TRITON_INTERPRET=1)")
+def test_decode_step_runs_the_kernel_and_matches_each_row_alone():
+    pytest.importorskip("triton", reason="triton is not installed")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = llama_with_adapters().to(device)
+    rows = ["a", None, "b", "c"]
+    ids = input_ids(batch=len(rows), length=6, seed=4).to(device)
+    calls = []
+    with torch.no_grad(), ak.routed(model, rows):
+        for w in ak.routing.require_state(model).wrappers.values():
+            routed = getattr(w, "_routed", None)
+            if isinstance(routed, ak.routing.RoutedLinear):
+                launch = routed.decode
+                routed.decode = lambda x, index, out, launch=launch: (calls.append(x.shape), launch(x, index, out))
+        cache = model(input_ids=ids[:, :5], use_cache=True).past_key_values  # prefill: the gather path
+        assert not calls
+        got = model(input_ids=ids[:, 5:], cache=cache, use_cache=True).logits[:, -1]
+    assert len(calls) == 2 * 7 + 1  # every adapted linear of the step: 2 layers x 7, and lm_head (adapter c)
+    want = alone(model, ids, rows)[:, -1]
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
 class _active:

@@ -7,6 +7,8 @@ Each LoRA layer gets a table of every routed adapter's factors, stacked into fix
 (zero padding keeps the math exact) with the scaling folded into B; slot 0 is zeros. The layer's forward adds the
 gathered update (kernels/gathered_lora.py). A table made with `serving_table(model, capacity, max_rank)` stays on the
 model: putting, replacing or removing an adapter is a copy into a slot, so a torch.compile'd model never recompiles.
+Entering a block writes the route into one index tensor per device and gives each linear layer a `RoutedLinear`
+(its path and kernel launch settled once), so a decode step's layer call does no per-call setup.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from .checkpoint.format import file_key
 from .checkpoint.load import read_adapter
 from .errors import ConfigError, MergeError
+from .kernels.gathered_lora import RoutedLinear
 from .methods.lora import LoraEmbedding, LoraLinear
 from .methods.lora_config import LoraConfig
 from .state import require_state, unwrap
@@ -41,7 +44,8 @@ class _Layer:
     a: torch.Tensor
     b: torch.Tensor
     embedding: bool
-    routed: tuple | None = None  # the (a, b, index) tuple last installed, reused while the index tensor is the same
+    # Last installed, reused while the index tensor is the same: linear a RoutedLinear, embedding (a, b, index).
+    routed: RoutedLinear | tuple | None = None
 
 
 class AdapterTable:
@@ -213,10 +217,18 @@ class AdapterTable:
         return index
 
     def install(self, rows: Sequence[str | None]) -> None:
+        """Write the route (one index per device, not one per layer) and hand each layer its routed update."""
+        indexes: dict[torch.device, torch.Tensor] = {}
         for layer in self.layers:
-            index = self.index_for(rows, layer.a.device)
-            if layer.routed is None or layer.routed[2] is not index:
-                layer.routed = (layer.a, layer.b, index)
+            device = layer.a.device
+            index = indexes.get(device)
+            if index is None:
+                index = indexes[device] = self.index_for(rows, device)
+            if layer.embedding:
+                if layer.routed is None or layer.routed[2] is not index:
+                    layer.routed = (layer.a, layer.b, index)
+            elif layer.routed is None or not layer.routed.current(layer.a, layer.b, index):
+                layer.routed = RoutedLinear(layer.a, layer.b, index)  # path and launch settled once, not per call
             layer.wrapper._set_plain(_routed=layer.routed)
 
     def uninstall(self) -> None:

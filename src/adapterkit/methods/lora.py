@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..kernels import lora_linear
 from ..kernels.dora import dora_linear
-from ..kernels.gathered_lora import gathered_embedding, gathered_lora
+from ..kernels.gathered_lora import gathered_embedding
 from . import dora, lora_init
 from .base import AdapterWrapper, AttachContext
 from .lora_config import LoraConfig
@@ -98,8 +98,8 @@ class LoraLinear(AdapterWrapper):
             # and whether the fused single-adapter kernel applies.
             _active_lora=(),
             _fused=None,
-            # Per-row routing (routing.py sets and clears it): (A table (slots, R, in), B table (slots, out, R),
-            # slot per batch row (rows,)), or None.
+            # Per-row routing (routing.py sets and clears it): a RoutedLinear (A table (slots, R, in), B table
+            # (slots, out, R), slot per batch row (rows,)); routed(x, base output) adds the update; or None.
             _routed=None,
         )
         self.lora_A = self._container(nn.ModuleDict)
@@ -153,7 +153,7 @@ class LoraLinear(AdapterWrapper):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         routed = self._routed
         if routed is not None:
-            return gathered_lora(x, routed[0], routed[1], routed[2], self.base_layer(x, *args, **kwargs))
+            return routed(x, self.base_layer(x, *args, **kwargs))
         active = self._active_lora
         base = self.base_layer
         fused = self._fused
