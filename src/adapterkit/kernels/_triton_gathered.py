@@ -27,7 +27,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.compiler import CompiledKernel
 
 TILE_BYTES = 32 * 1024  # one decode program's loads in flight per K chunk / output chunk
 DECODE_WARPS = 8
@@ -125,10 +124,8 @@ def _gathered_lora_kernel(
 class DecodeLaunch:
     """The decode kernel bound to one layer's tables and batch size: `launch(x, index, out)`.
 
-    Block sizes, splits and the grid are computed once here. The first launch goes through Triton's JIT (compile,
-    specialise, launch); later ones call the compiled kernel it returned directly, which skips the JIT's argument
-    binding and cache lookup on every call. That kernel was specialised on 16-byte aligned tensors of these dtypes,
-    so an input or output that differs takes the JIT path again (and the kernel it returns is kept).
+    Block sizes, splits and the grid are computed once here; each call is one launch through Triton's JIT with only
+    the five tensors as runtime arguments (the sizes are compile-time constants).
     x (rows, ..., in) and out (rows, ..., out_features) contiguous with one token per row; a_table (slots, R, in) and
     b_table (slots, out, R) contiguous; index (rows,) int64.
     """
@@ -148,24 +145,10 @@ class DecodeLaunch:
         self.a, self.b = a_table, b_table
         self.grid = (rows, splits)
         self.meta = dict(K=n_in, N=n_out, R=r, BR=br, BK=bk, BN=bn, CHUNKS=chunks)
-        self.constants = tuple(self.meta.values())  # in the kernel's parameter order, after the five tensors
         self.jit = _gathered_decode_kernel[self.grid]
-        self.fast = None  # the compiled kernel's launcher, after the first launch
-        self.out_dtype = None  # the output dtype it was compiled for
-        self.direct = True  # False once a compiled launcher refused the arguments
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
-        fast = self.fast
-        aligned = x.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
-        if fast is not None and aligned and out.dtype == self.out_dtype:
-            try:
-                fast(x, self.a, self.b, index, out, *self.constants)
-                return
-            except TypeError:  # a Triton whose compiled launcher takes other arguments: the JIT path from now on
-                self.fast, self.direct = None, False
-        kernel = self.jit(x, self.a, self.b, index, out, **self.meta, num_warps=DECODE_WARPS, num_stages=2)
-        if self.direct and aligned and isinstance(kernel, CompiledKernel):  # the interpreter returns None
-            self.fast, self.out_dtype = kernel[self.grid], out.dtype  # the kernel for these dtypes, aligned
+        self.jit(x, self.a, self.b, index, out, **self.meta, num_warps=DECODE_WARPS, num_stages=2)
 
 
 def decode_launch(rows: int, a_table: torch.Tensor, b_table: torch.Tensor) -> DecodeLaunch:
