@@ -2,8 +2,9 @@
 
 Launched with torchrun; every rank builds the same random model (seeded), attaches the adapter, shards each decoder
 layer and the root with `fully_shard`, and trains on its own batch. Reports tokens/s per GPU and peak memory per
-GPU for each row, then (adapterkit rows) saves the adapter with `ak.save` and prints the file's SHA-256, so a
-2-GPU save can be compared with a 1-GPU save of the same weights.
+GPU for each row (and what was allocated as its steps began: its own sharded model, nothing of an earlier row), then
+(adapterkit rows) saves the adapter with `ak.save` and prints the file's SHA-256, so a 2-GPU save can be compared
+with a 1-GPU save of the same weights.
 
     torchrun --nproc_per_node 1 bench/distributed.py            # one GPU
     torchrun --nproc_per_node 2 bench/distributed.py            # two GPUs (NCCL)
@@ -13,6 +14,7 @@ GPU for each row, then (adapterkit rows) saves the adapter with `ak.save` and pr
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -89,6 +91,7 @@ def run_row(args, impl: str, device, rank: int, world: int) -> dict:
         return loss
 
     if device.type == "cuda":
+        start_gib = torch.cuda.memory_allocated() / GIB  # this row's model, and anything an earlier row left behind
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
         step()
@@ -105,12 +108,33 @@ def run_row(args, impl: str, device, rank: int, world: int) -> dict:
                tokens_per_s_per_gpu=args.batch * args.seq / seconds, loss=float(loss))
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+        row["start_gib"] = start_gib
     if impl == "adapterkit" and not args.no_save:
         row.update(save_digest(model, rank))
-    del model, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
+
+
+def run_rows(args, device, rank: int, world: int) -> list[dict]:
+    """Every row of `args.impls` in turn, each starting from an empty device.
+
+    A model under `fully_shard` is a reference cycle (the FSDP state's hooks on each module refer back to it), so
+    dropping the last name does not free it: without a collection here a row's model stays allocated until the
+    collector happens to run, and its whole set of weights counts in the next row's peak. One pass is not always
+    enough (objects a finalizer touched wait for the next one), so collect until a pass finds nothing.
+    """
+    rows = []
+    for impl in args.impls:
+        try:
+            rows.append(run_row(args, impl, device, rank, world))
+        except Exception as exc:  # keep the other rows
+            rows.append(dict(impl=impl, quant=args.quant, world=world, error=f"{type(exc).__name__}: {exc}"[:300]))
+        for _ in range(8):
+            if not gc.collect():
+                break
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        dist.barrier()
+    return rows
 
 
 def save_digest(model, rank: int) -> dict:
@@ -153,13 +177,7 @@ def main() -> None:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    rows = []
-    for impl in args.impls:
-        try:
-            rows.append(run_row(args, impl, device, rank, world))
-        except Exception as exc:  # keep the other rows
-            rows.append(dict(impl=impl, quant=args.quant, world=world, error=f"{type(exc).__name__}: {exc}"[:300]))
-        dist.barrier()
+    rows = run_rows(args, device, rank, world)
     if rank == 0:
         name = "Llama-3.1-8B shape" if not args.small else "tiny"
         print(f"# {name}{f', {args.layers} layers' if args.layers else ''}, batch {args.batch}x{args.seq}, "
@@ -171,7 +189,8 @@ def main() -> None:
                 continue
             ratio = r["ms"] / base["ms"] if base else float("nan")
             print(f"{r['impl']:<11} {r['ms']:8.1f} ms  {ratio:5.2f}x base  {r['tokens_per_s_per_gpu']:9.0f} tok/s/GPU"
-                  f"  peak {r.get('peak_gib', float('nan')):6.2f} GiB  loss {r['loss']:.4f}"
+                  f"  peak {r.get('peak_gib', float('nan')):6.2f} GiB (at start {r.get('start_gib', float('nan')):5.2f})"
+                  f"  loss {r['loss']:.4f}"
                   + (f"  sha256 {r['adapter_sha256'][:16]}" if "adapter_sha256" in r else "")
                   + (f"  save error: {r['save_error']}" if "save_error" in r else ""))
         if os.environ.get("OUT"):
