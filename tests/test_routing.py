@@ -3,6 +3,8 @@ fixed-capacity serving tables (put / replace / remove by copy) and no recompiles
 
 from __future__ import annotations
 
+import inspect
+
 import os
 import time
 
@@ -106,7 +108,9 @@ def test_decode_step_runs_the_kernel_and_matches_each_row_alone():
                 routed.decode = lambda x, index, out, launch=launch: (calls.append(x.shape), launch(x, index, out))
         cache = model(input_ids=ids[:, :5], use_cache=True).past_key_values  # prefill: the gather path
         assert not calls
-        got = model(input_ids=ids[:, 5:], cache=cache, use_cache=True).logits[:, -1]
+        # transformers renamed forward's `past_key_values` to `cache` (5.24 has `cache`, 5.17 the old name)
+        name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+        got = model(input_ids=ids[:, 5:], use_cache=True, **{name: cache}).logits[:, -1]
     assert len(calls) == 2 * 7 + 1  # every adapted linear of the step: 2 layers x 7, and lm_head (adapter c)
     want = alone(model, ids, rows)[:, -1]
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
