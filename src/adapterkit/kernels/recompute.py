@@ -8,25 +8,31 @@ again (elementwise, bit-identical to the forward) and the layer keeps no copy. A
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable
 
 import torch
 
-# Modes: "off" (every LoRA input saved, as PyTorch would), "products" (only an input that is a product of two tensors
-# autograd saved anyway, as SwiGLU's act(gate) * up feeding down_proj: one multiply in backward), "all" (also
-# RMSNorm outputs, rebuilt by every projection that reads them). Measured on an H200 (Llama-3.2-1B shape, bf16,
-# 8x1024, all-linear r=16): see bench/README.md ("all": +0.09 GiB over the frozen base at 1.21x the base).
+# Modes: "off" (every LoRA input saved, as PyTorch would), "products" (the default: only an input that is a product of
+# two tensors autograd saved anyway, as SwiGLU's act(gate) * up feeding down_proj: one multiply in backward), "all"
+# (also RMSNorm outputs, rebuilt by every projection that reads them). On an H200 (Llama-3.2-1B shape, bf16, 8x1024,
+# all-linear r=16; bench/README.md): off 1.13x the frozen base, +3.09 GiB; products 1.14x, +1.09 GiB; all 1.22x,
+# +0.09 GiB.
 MODES = ("off", "products", "all")
-_ENV = {"0": "off", "": "off", "1": "all", "all": "all", "products": "products", "off": "off"}
-_mode = _ENV.get(os.environ.get("ADAPTERKIT_LORA_RECOMPUTE", "0").strip().lower(), "off")
+_ENV = {"0": "off", "off": "off", "1": "all", "all": "all", "products": "products", "": "products"}
+_raw = os.environ.get("ADAPTERKIT_LORA_RECOMPUTE", "products").strip().lower()
+if _raw not in _ENV:
+    warnings.warn(f"ADAPTERKIT_LORA_RECOMPUTE={_raw!r} is none of 0, products, 1 (all): using products",
+                  RuntimeWarning, stacklevel=2)
+_mode = _ENV.get(_raw, "products")
 _MAX_DEPTH = 3  # weight * to(h * r): three nodes deep at most
 _HALF = (torch.bfloat16, torch.float16)
 
 
 def set_input_recompute(enabled: bool | str) -> None:
-    """Rebuild LoRA inputs in backward instead of saving them: True / "all", "products" (only products of saved
-    tensors: the MLP's down_proj input), False / "off" (the default). `ADAPTERKIT_LORA_RECOMPUTE=1|all|products`
-    sets it for a whole process."""
+    """Rebuild LoRA inputs in backward instead of saving them: "products" (the default: only products of saved
+    tensors, the MLP's down_proj input), True / "all" (also norm outputs), False / "off" (every input saved).
+    `ADAPTERKIT_LORA_RECOMPUTE=0|products|1` sets it for a whole process."""
     global _mode
     mode = {True: "all", False: "off"}.get(enabled, enabled) if isinstance(enabled, bool) else enabled
     if mode not in MODES:
