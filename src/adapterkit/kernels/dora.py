@@ -49,22 +49,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .dora_reference import dora_linear_reference
 from .lora_linear import _scaled_mm, get_backend, torch_keep_mask
+from .optional_triton import kernels
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_triton_mod = None  # the imported _triton_dora module, False when Triton is unusable, None before the first try
 
 
 def _triton():
-    """The Triton kernels module, imported on first CUDA use; None when Triton is not installed or fails to load."""
-    global _triton_mod
-    if _triton_mod is None:
-        try:
-            from . import _triton_dora
-
-            _triton_mod = _triton_dora
-        except Exception:  # no triton, or a triton that cannot load here: the torch path is always correct
-            _triton_mod = False
-    return _triton_mod or None
+    """The Triton kernels module, or None where Triton cannot run (see optional_triton)."""
+    return kernels("_triton_dora")
 
 
 def _use_triton(t: torch.Tensor) -> bool:

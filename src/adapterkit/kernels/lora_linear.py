@@ -22,12 +22,12 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .optional_triton import kernels
 from .recompute import input_recipe
 from .reference import lora_linear_reference
 
 _BACKENDS = ("auto", "torch", "triton")
 _backend = os.environ.get("ADAPTERKIT_LORA_BACKEND", "auto")
-_triton_mod = None  # the imported _triton_lora module, False when Triton is unusable, None before the first try
 
 
 def set_backend(name: str) -> None:
@@ -43,16 +43,8 @@ def get_backend() -> str:
 
 
 def _triton():
-    """The Triton kernels module, imported on first CUDA use; None when Triton is not installed or fails to load."""
-    global _triton_mod
-    if _triton_mod is None:
-        try:
-            from . import _triton_lora
-
-            _triton_mod = _triton_lora
-        except Exception:  # no triton, or a triton that cannot load here: the torch path is always correct
-            _triton_mod = False
-    return _triton_mod or None
+    """The Triton kernels module, or None where Triton cannot run (see optional_triton)."""
+    return kernels("_triton_lora")
 
 
 def _use_triton(x: torch.Tensor, p: float) -> bool:
