@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from bnb_cases import logits, packed_state, without_cpu_repack
 from helpers import input_ids, tiny_llama
 from torch import nn
 
@@ -49,14 +50,6 @@ def lora(dora: bool = False, **kwargs) -> ak.LoraConfig:
     return ak.LoraConfig(**{**fields, **kwargs})
 
 
-def without_cpu_repack(model: nn.Module) -> nn.Module:
-    """What attach does to the layers it adapts, for a model that PEFT adapts: both then run the same 4-bit path."""
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-    return model
-
-
 def attach_same(models: list[nn.Module], cfg: ak.LoraConfig) -> None:
     """The same adapter values on every model (DoRA magnitudes moved away from their initial norms)."""
     for model in models:
@@ -72,23 +65,6 @@ def attach_same(models: list[nn.Module], cfg: ak.LoraConfig) -> None:
             for name, p in model.named_parameters():
                 if p.requires_grad:
                     p.copy_(reference[name])
-
-
-def logits(model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=input_ids() if ids is None else ids).logits.float()
-
-
-def packed_state(model: nn.Module) -> dict[str, tuple]:
-    """Every quantized layer's stored tensors (data, absmax or row scales) and parameter object, by path."""
-    out = {}
-    for name, module in model.named_modules():
-        if quantized_view(module) is None:
-            continue
-        w = module.weight
-        scales = w.quant_state.absmax if hasattr(w, "quant_state") else (w.SCB if w.SCB is not None else module.state.SCB)
-        out[name] = (w, w.data.clone(), scales.clone())
-    return out
 
 
 # -- outputs ----------------------------------------------------------------------------------------------------
@@ -252,10 +228,10 @@ def test_merge_requantizes_reports_error_and_unmerge_is_bit_exact(kind, dora):
     assert "requantized" in str(report)
     merged = logits(model)
     assert (merged - want).abs().max() < (0.5 if kind != "int8" else 0.05)  # requantization noise only
-    assert all(not torch.equal(model.get_submodule(p).weight.data, data) for p, (_, data, _) in before.items())
+    assert all(not torch.equal(model.get_submodule(p).weight.data, data) for p, (_, data, *_) in before.items())
     ak.unmerge(model)
     after = packed_state(model)
-    for path, (param, data, scales) in before.items():
+    for path, (param, data, scales, _) in before.items():
         assert after[path][0] is param and torch.equal(after[path][1], data) and torch.equal(after[path][2], scales)
     assert torch.equal(logits(model), want)
 
@@ -303,7 +279,7 @@ def test_merge_overflowing_the_int8_source_dtype_is_refused_untouched():
     with pytest.raises(ak.MergeError, match=r"overflows torch.float16.*dtype=torch.float32"):
         ak.merge(model)
     after = packed_state(model)
-    assert all(after[p][0] is w and torch.equal(after[p][1], d) for p, (w, d, _) in before.items())
+    assert all(after[p][0] is w and torch.equal(after[p][1], d) for p, (w, d, *_) in before.items())
     assert not any(w.merged_names for w in adapter_state(model).wrappers.values())
 
 
