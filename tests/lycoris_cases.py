@@ -190,3 +190,41 @@ def training_reduces_loss(ak_config, kwargs: dict, steps: int = 10) -> tuple[flo
         losses.append(float(loss.detach()))
     assert not any(p.requires_grad for n, p in model.named_parameters() if "base_layer" in n)
     return losses[0], losses[-1]
+
+
+def bf16_unmerges_bit_exactly(ak_config, targets: list[str]) -> None:
+    """On a bf16 base the adapter keeps bf16, the merge changes the stored weight, and unmerge puts back the very
+    tensor with its bits."""
+    torch.manual_seed(0)
+    model = build("llama").to(torch.bfloat16)
+    ak.attach(model, ak_config(r=2, alpha=4, target_modules=targets, init_weights=False))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert all(t.dtype == torch.bfloat16 for t in layer.file_tensors("default").values())
+    weight = layer.base_layer.weight
+    stored = weight.detach().clone()
+    before = logits(model)
+    ak.merge(model)
+    assert layer.base_layer.weight.dtype == torch.bfloat16 and not torch.equal(layer.base_layer.weight, stored)
+    torch.testing.assert_close(logits(model), before, atol=0.1, rtol=0.05)  # merged rounds ΔW into bf16 weights
+    ak.unmerge(model)
+    assert layer.base_layer.weight is weight and torch.equal(weight, stored)
+    assert torch.equal(logits(model), before)
+
+
+def structured_gradients_match_dense(layer: AdapterWrapper, n_in: int, n_out: int) -> None:
+    """The structured forward (factors applied one after the other) gives the gradients of the formed update."""
+    record = layer.records["default"]
+    assert record.structured
+    x = torch.randn(3, 5, n_in, requires_grad=True)
+    target = torch.randn(3, 5, n_out)
+    grads = []
+    for structured in (True, False):
+        record.structured = structured
+        params = layer.adapter_parameters("default")
+        for p in params:
+            p.grad = None
+        x.grad = None
+        ((layer(x) - target) ** 2).sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in params])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -15,8 +15,8 @@ import adapterkit as ak
 from adapterkit.errors import ConfigError, TargetError
 from adapterkit.methods.lokr import LoKrLayer, factorization
 from helpers import build, logits
-from lycoris_cases import (CONV_TARGETS, merge_unmerge_unload, nan_refused, round_trip, training_reduces_loss,
-                           two_named_adapters)
+from lycoris_cases import (bf16_unmerges_bit_exactly, CONV_TARGETS, merge_unmerge_unload, nan_refused, round_trip,
+                           structured_gradients_match_dense, training_reduces_loss, two_named_adapters)
 
 peft = pytest.importorskip("peft")
 
@@ -206,37 +206,10 @@ def test_training_step_reduces_loss() -> None:
 
 
 def test_bfloat16_base_keeps_its_dtype_and_unmerges_bit_exactly() -> None:
-    torch.manual_seed(0)
-    model = build("llama").to(torch.bfloat16)
-    ak.attach(model, ak.LoKrConfig(r=2, alpha=4, target_modules=ATTN, init_weights=False))
-    layer = model.model.layers[0].self_attn.q_proj
-    assert all(t.dtype == torch.bfloat16 for t in layer.file_tensors("default").values())
-    weight = layer.base_layer.weight
-    stored = weight.detach().clone()
-    before = logits(model)
-    ak.merge(model)
-    assert layer.base_layer.weight.dtype == torch.bfloat16 and not torch.equal(layer.base_layer.weight, stored)
-    torch.testing.assert_close(logits(model), before, atol=0.1, rtol=0.05)  # merged rounds ΔW into bf16 weights
-    ak.unmerge(model)
-    assert layer.base_layer.weight is weight and torch.equal(weight, stored)
-    assert torch.equal(logits(model), before)
+    bf16_unmerges_bit_exactly(ak.LoKrConfig, ATTN)
 
 
 def test_structured_forward_has_the_dense_gradients() -> None:
     torch.manual_seed(0)
-    layer = _layer(nn.Linear(24, 40), r=2, alpha=5)
-    record = layer.records["default"]
-    assert record.structured
-    x = torch.randn(3, 5, 24, requires_grad=True)
-    target = torch.randn(3, 5, 40)
-    grads = []
-    for structured in (True, False):
-        record.structured = structured
-        params = layer.adapter_parameters("default")
-        for p in params:
-            p.grad = None
-        x.grad = None
-        ((layer(x) - target) ** 2).sum().backward()
-        grads.append([x.grad.clone()] + [p.grad.clone() for p in params])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    structured_gradients_match_dense(_layer(nn.Linear(24, 40), r=2, alpha=5), 24, 40)
+
