@@ -117,3 +117,26 @@ def train_steps(model: nn.Module, steps: int = 8, lr: float = 0.05) -> tuple[flo
         losses.append(loss.item())
     model.eval()
     return losses[0], losses[-1]
+
+
+def two_adapters_both_ways(model: nn.Module, build, tmp_path) -> None:
+    """`model` carries adapters "default" and "other" (different outputs): saved here, each loads in PEFT and in a
+    fresh model here with the same output."""
+    import peft  # the test extra; imported here so modules using only the rest of this file need not have it
+
+    outs = {}
+    for name in ("default", "other"):
+        ak.set_active(model, name)
+        outs[name] = output(model)
+    assert (outs["default"] - outs["other"]).abs().max() > 1e-4
+    ak.save(model, tmp_path)
+    pm = peft.PeftModel.from_pretrained(build("llama"), tmp_path)
+    pm.load_adapter(tmp_path / "other", adapter_name="other")
+    reloaded = build("llama")
+    ak.load(reloaded, tmp_path)
+    ak.load(reloaded, tmp_path, name="other")
+    for name in ("default", "other"):
+        pm.set_adapter(name)
+        ak.set_active(reloaded, name)
+        assert (output(pm.eval()) - outs[name]).abs().max() <= TOL
+        assert (output(reloaded) - outs[name]).abs().max() <= TOL

@@ -89,3 +89,10 @@ def test_dora_node_with_triton_passes_matches_plain_node(dtype, bias):
     for got, want in zip(results[1], results[0]):
         assert want.abs().sum() > 0
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def test_scale_columns_refuses_a_non_contiguous_output():
+    _, _, _, m, _ = factors(64, 8, 4, torch.float32)
+    y = torch.randn(64, 10).to(DEVICE).t()  # (10, 64) view with strides (1, 10)
+    with pytest.raises(ValueError, match="contiguous"):
+        tk.scale_columns_(y, m, m.abs() + 1, None)

@@ -10,7 +10,8 @@ from torch import nn
 import adapterkit as ak
 from adapterkit.methods.oft import OFTLinear, Rotation, _nearest_divisor
 from helpers import assert_state_equal, assert_unchanged, build, snapshot
-from interop import TOL, adapter_params, conv_net, file_shapes, output, ours_to_peft, peft_to_ours, train_steps
+from interop import (TOL, adapter_params, conv_net, file_shapes, output, ours_to_peft, peft_to_ours, train_steps,
+                     two_adapters_both_ways)
 
 peft = pytest.importorskip("peft")
 
@@ -107,22 +108,7 @@ def test_two_named_adapters_save_and_load(tmp_path):
     model = ak.attach(build("llama"), ak.OFTConfig(target_modules=["q_proj"], oft_block_size=8, init_weights=False))
     ak.attach(model, ak.OFTConfig(target_modules=["v_proj", "embed_tokens"], r=2, oft_block_size=0,
                                   init_weights=False), "other")
-    outs = {}
-    for name in ("default", "other"):
-        ak.set_active(model, name)
-        outs[name] = output(model)
-    assert (outs["default"] - outs["other"]).abs().max() > 1e-4
-    ak.save(model, tmp_path)
-    pm = peft.PeftModel.from_pretrained(build("llama"), tmp_path)
-    pm.load_adapter(tmp_path / "other", adapter_name="other")
-    reloaded = build("llama")
-    ak.load(reloaded, tmp_path)
-    ak.load(reloaded, tmp_path, name="other")
-    for name in ("default", "other"):
-        pm.set_adapter(name)
-        ak.set_active(reloaded, name)
-        assert (output(pm.eval()) - outs[name]).abs().max() <= TOL
-        assert (output(reloaded) - outs[name]).abs().max() <= TOL
+    two_adapters_both_ways(model, build, tmp_path)
 
 
 def test_nan_refused_on_merge_and_save(tmp_path):
