@@ -38,3 +38,6 @@ def main(base: str, out: str, tag: str, resume: str | None) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
+    if dist.is_initialized():  # the Trainer opened it; leaving it open lets gloo's threads abort the exit at random
+        dist.barrier()
+        dist.destroy_process_group()
