@@ -151,7 +151,7 @@ def main() -> None:
                 plain = base(input_ids=ids, use_cache=False).logits.float()
                 results[f"{phase}_adapter_effect"] = float((got - plain).abs().max() / plain.abs().max())
                 if phase == "decode" and device == "cuda":
-                    ms.update(graph_rows(base, akm, table, ids, route, names, timer, warmup, iters))
+                    ms.update(graph_rows(base, akm, pm, table, ids, route, names, timer, warmup, iters))
             results["ms"][phase] = ms
         results["hot_swap_ms"] = swap_latency(table, paths, names, device)
 
@@ -162,10 +162,15 @@ def main() -> None:
         (Path(out) / "serve.json").write_text(json.dumps(results, indent=2))
 
 
-def graph_rows(base, akm, table, ids, route, names, timer, warmup, iters) -> dict:
-    """CUDA-graph-captured decode steps: the base, and adapterkit mixed (the route changed between replays)."""
+def graph_rows(base, akm, pm, table, ids, route, names, timer, warmup, iters) -> dict:
+    """CUDA-graph-captured decode steps: the base; one adapter in PEFT and in adapterkit; adapterkit mixed (the route
+    changed between replays)."""
     out = {}
-    for label, model, rows in (("base (CUDA graph)", base, None), ("adapterkit mixed (CUDA graph)", akm, route)):
+    pm.set_adapter(names[0])
+    ak.set_active(akm, names[0])
+    for label, model, rows in (("base (CUDA graph)", base, None), ("PEFT one adapter (CUDA graph)", pm, None),
+                               ("adapterkit one adapter (CUDA graph)", akm, None),
+                               ("adapterkit mixed (CUDA graph)", akm, route)):
         try:
             ctx = ak.routed(model, rows) if rows is not None else torch.inference_mode()
             with torch.inference_mode(), ctx:

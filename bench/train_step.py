@@ -38,6 +38,7 @@ from random_llama import random_llama  # noqa: E402
 
 GIB = 1024**3
 PROFILE = False  # --profile: print the top CUDA ops of two steps per row
+HOST_PROFILE = False  # --host-profile: print where the host's Python time goes in three steps per row
 
 # Model shapes. Llama-3.2-1B: tied embeddings, GQA 32/8; SmolLM2-135M: tied, GQA 9/3.
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -169,6 +170,19 @@ def run_case(case: Case, shape, dtype, device, batch, seq, warmup, steps) -> Res
             torch.cuda.synchronize()
         print(f"-- profile of 2 steps: {case.label}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    if HOST_PROFILE:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        torch.cuda.synchronize()
+        prof.enable()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        prof.disable()
+        print(f"-- host (Python) time of 3 steps by function: {case.label}")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(22)
     del step
     gc.collect()
     torch.cuda.synchronize()
@@ -459,9 +473,11 @@ def main():
     ap.add_argument("--rank", type=int, default=16, help="rank for --micro")
     ap.add_argument("--sweep", action="store_true", help="--micro: also sweep Triton launch shapes")
     ap.add_argument("--profile", action="store_true", help="GPU: print the top CUDA ops of two steps per row")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="GPU: print the functions taking the host's time in three steps per row (cProfile)")
     args = ap.parse_args()
-    global PROFILE
-    PROFILE = args.profile
+    global PROFILE, HOST_PROFILE
+    PROFILE, HOST_PROFILE = args.profile, args.host_profile
     if args.micro:
         main_micro(args)
     else:

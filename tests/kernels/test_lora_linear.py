@@ -219,10 +219,11 @@ def test_cuda_training_step_memory_saves_no_dropout_copy():
     assert saved < x.numel() * x.element_size() // 4
 
 
-def test_inference_path_without_autograd_matches_the_node():
+@pytest.mark.parametrize("lead", [(3, 5), (15,), (4, 200)])  # decode-sized (both ranks) and prefill-sized rows
+def test_inference_path_without_autograd_matches_the_node(lead):
     """Under no_grad the forward runs its GEMMs without the autograd node: same values, no graph."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, 32, generator=gen)
+    x = torch.randn(*lead, 32, generator=gen)
     w, bias = torch.randn(24, 32, generator=gen), torch.randn(24, generator=gen)
     a, b = torch.randn(4, 32, generator=gen), torch.randn(24, 4, generator=gen)
     want = lora_linear(x, w, bias, a.requires_grad_(), b.requires_grad_(), 0.5)
@@ -232,3 +233,23 @@ def test_inference_path_without_autograd_matches_the_node():
     assert got.grad_fn is None and want.grad_fn is not None
     torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got_nobias, x @ w.t() + 0.5 * (x @ a.t()) @ b.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_entry_falls_back_where_the_three_gemms_do_not_apply():
+    """`lora_infer` (the layer's no-grad call) hands mixed dtypes and enabled gradients to `lora_linear`."""
+    from adapterkit.kernels.lora_linear import lora_infer
+
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 7, 16, generator=gen), torch.randn(12, 16, generator=gen)
+    a, b = torch.randn(4, 16, generator=gen), torch.randn(12, 4, generator=gen)
+    want = x @ w.t() + 0.25 * (x @ a.t()) @ b.t()
+    with torch.no_grad():
+        torch.testing.assert_close(lora_infer(x, w, None, a, b, 0.25), want, rtol=1e-5, atol=1e-5)
+        # Adapters in float64 on a float32 layer: computed in theirs and added back in the layer's dtype.
+        mixed = lora_infer(x, w, None, a.double(), b.double(), 0.25)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, want, rtol=1e-5, atol=1e-5)
+    a.requires_grad_(True)
+    out = lora_infer(x, w, None, a, b, 0.25)  # gradients on: the autograd node, so A still learns
+    out.sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0

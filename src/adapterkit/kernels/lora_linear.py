@@ -206,6 +206,41 @@ def _autocast_on(x: torch.Tensor) -> bool:
         return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
 
 
+def lora_infer(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """`lora_linear` without gradients or dropout (serving, decode): the three GEMMs and nothing else.
+
+    Decode steps are bound by the host issuing kernels, so this is the shortest path from the layer call to them: one
+    dtype check, one autocast check, then x·Aᵀ, s·(x·Aᵀ)·Bᵀ (+ bias) and x·Wᵀ accumulated onto it. Anything else
+    (mixed dtypes, autocast, gradients enabled) goes through `lora_linear`.
+    """
+    dtype = x.dtype
+    if (dtype is not weight.dtype or dtype is not lora_a.dtype or dtype is not lora_b.dtype
+            or torch.is_grad_enabled() or _autocast_on(x)):
+        return lora_linear(x, weight, bias, lora_a, lora_b, scaling)
+    x2d = x.flatten(0, -2) if x.dim() != 2 else x  # (N, in)
+    if x2d.shape[0] <= _SMALL_ROWS:
+        # Decode-sized: the base GEMM first, the rank-r product accumulated onto it (fewest host calls).
+        out = F.linear(x2d, weight, bias)
+        out.addmm_(F.linear(x2d, lora_a), lora_b.t(), alpha=scaling)
+    else:
+        # Prefill-sized: s·(x·Aᵀ)·Bᵀ (+ bias) written first, x·Wᵀ accumulated in the base GEMM's epilogue (an
+        # (N, out) read-modify-write saved: bench/NOTES.md).
+        out = _scaled_mm(F.linear(x2d, lora_a), lora_b.t(), scaling, bias)
+        out.addmm_(x2d, weight.t())
+    return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
+
+
+# Rows up to which the inference path issues the base GEMM first (decode); above it, the rank-r product first.
+_SMALL_ROWS = 512
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -256,10 +291,7 @@ def lora_linear(
         return base + (F.linear(F.linear(h, lora_a), lora_b.to(lora_a.dtype)) * scaling).to(base.dtype)
     if p == 0.0 and not torch.is_grad_enabled():
         # Inference (decode is launch-bound): the forward's three GEMMs without an autograd node around them.
-        x2d = x.reshape(-1, x.shape[-1])
-        out = _scaled_mm(torch.mm(x2d, lora_a.t()), lora_b.t(), float(scaling), bias)
-        out.addmm_(x2d, (weight() if packed else weight).t())
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return lora_infer(x, weight() if packed else weight, bias, lora_a, lora_b, float(scaling))
     if torch.compiler.is_compiling() or isinstance(seed, torch.Tensor):
         # The Triton kernels take a Python int seed, which a traced graph cannot produce without a break.
         if p > 0.0 and seed is None:

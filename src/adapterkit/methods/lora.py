@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..kernels import lora_linear
+from ..kernels.lora_linear import lora_infer, lora_linear
 from ..kernels.dora import dora_linear
 from ..kernels.gathered_lora import gathered_embedding
 from . import dora, lora_init
@@ -159,7 +159,9 @@ class LoraLinear(AdapterWrapper):
         fused = self._fused
         if fused == "lora" and not args and not kwargs:
             lora_a, lora_b, _, p, scaling = active[0]
-            return lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, scaling, p, self.training)
+            if torch.is_grad_enabled() or (p and self.training):
+                return lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, scaling, p, self.training)
+            return lora_infer(x, base.weight, base.bias, lora_a.weight, lora_b.weight, scaling)  # serving, decode
         if fused == "packed" and not args and not kwargs and torch.is_grad_enabled():
             # Training only: without gradients bitsandbytes picks its own kernels (a fused 4-bit GEMV for decode).
             lora_a, lora_b, _, p, scaling = active[0]
