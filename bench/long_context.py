@@ -43,6 +43,7 @@ CONFIGS = [
     ("ak+chunk+ckpt+offload", "bf16", "adapterkit", "cko"),
     ("peft+gc", "bf16", "peft", "k"),
     ("ak+chunk+ckpt nf4", "nf4", "adapterkit", "ck"),
+    ("ak+chunk+ckpt+offload nf4", "nf4", "adapterkit", "cko"),
     ("peft kbit+gc nf4", "nf4", "peft", "k"),
 ]
 
@@ -172,10 +173,13 @@ def measure(name: str, base: str, library: str, options: str, args) -> dict:
             return False
 
     try:
-        step(args.seq)  # warm-up (kernels, allocator)
         t0 = time.perf_counter()
-        peak = max(step(args.seq) for _ in range(args.steps))
-        row.update(peak_gib=peak / GIB, tok_s=args.seq * args.steps / (time.perf_counter() - t0))
+        peak = step(args.seq)  # warm-up (kernels, allocator)
+        if args.steps:
+            t0 = time.perf_counter()
+            peak = max(step(args.seq) for _ in range(args.steps))
+        # --steps 0 (one step at a long length, where a step takes minutes): the one step's own time.
+        row.update(peak_gib=peak / GIB, tok_s=args.seq * max(1, args.steps) / (time.perf_counter() - t0))
     except _oom_types():
         _free(device)
         row.update(peak_gib=None, tok_s=None)
@@ -266,7 +270,8 @@ def parse(argv=None):
     p.add_argument("--seq", type=int, default=None, help="fixed length for peak and tokens/s (default 16384)")
     p.add_argument("--max-seq", type=int, default=None, help="search cap (default 131072)")
     p.add_argument("--resolution", type=int, default=None, help="bisection stops within this many tokens")
-    p.add_argument("--steps", type=int, default=2, help="timed steps at --seq")
+    p.add_argument("--steps", type=int, default=2,
+                   help="timed steps at --seq after one warm-up step (0: the warm-up step alone, timed)")
     p.add_argument("--config-seconds", type=float, default=None, help="search time per configuration")
     p.add_argument("--total-seconds", type=float, default=450.0, help="start no configuration after this")
     p.add_argument("--only", nargs="*", default=None, help="configs to run (names as in the table)")
