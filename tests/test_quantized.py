@@ -128,6 +128,32 @@ def test_4bit_quant_settings_are_read_and_kept(storage, double_quant):
     assert layer.weight.quant_state.nested == double_quant and layer.weight.quant_type == "nf4"
 
 
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+def test_training_dequantizer_is_bitsandbytes_own_dequantization(storage, double_quant, compute):
+    """The fused QLoRA node's weight (one dequantize op, the double-quantized absmax expanded once and kept) equals
+    bitsandbytes' dequantize_4bit bit for bit; the kept absmax is reused, and a requantized layer gets its own."""
+    from adapterkit.quantized import _expanded_absmax
+
+    layer = bnb.nn.Linear4bit(64, 96, quant_type="nf4", compute_dtype=compute, compress_statistics=double_quant,
+                              quant_storage=storage).to("cpu")
+    weight = layer.weight
+    want = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(compute)
+    got = Bnb4bitView.dequantizer(layer)()
+    assert got.dtype == compute and torch.equal(got, want)
+    state = weight.quant_state
+    assert _expanded_absmax(state) is _expanded_absmax(state)  # kept, not recomputed per call
+    assert (_expanded_absmax(state) is state.absmax) == (not double_quant)  # a plain absmax is used as it is
+    model = nn.Sequential(layer)
+    ak.attach(model, ak.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    ak.merge(model)  # requantized: a new state, whose absmax is expanded from its own values
+    merged = model[0].base_layer.weight
+    assert merged.quant_state is not state
+    assert torch.equal(Bnb4bitView.dequantizer(model[0].base_layer)(),
+                       bnb.functional.dequantize_4bit(merged.data, merged.quant_state).to(compute))
+
+
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float16])
 def test_adapter_dtype_follows_compute_dtype_unless_given(compute):
     model = ak.quantize_model(tiny_llama(hidden=HIDDEN), "nf4", compute_dtype=compute).eval()

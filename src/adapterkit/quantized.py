@@ -11,7 +11,6 @@ takes whichever layout the layer holds, and an unmerge puts back the very parame
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -71,11 +70,45 @@ def dequantize_4bit(param: torch.Tensor) -> torch.Tensor:
     return (values * absmax[:, :, None]).reshape(n, k)
 
 
-def _dequantize_as(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(out, in) values of a standard-layout `Params4bit` in `dtype`, as bitsandbytes' matmul dequantizes them."""
+def _expanded_absmax(state) -> torch.Tensor:
+    """The float32 per-block absmax of a 4-bit quant state, its double quantization undone once and kept.
+
+    bitsandbytes undoes the double quantization (8-bit absmax, its own block scales, an offset) on every dequantize:
+    one more kernel and its Python per forward and backward. Kept on the state (1/16 byte per weight: 62 MB for a
+    1B model) while the state's absmax tensor is the one it was computed from, unchanged; a requantized layer has a new
+    state, so it never reads a stale copy. The values are bitsandbytes' own, computed the same way.
+    """
+    if not state.nested:
+        return state.absmax
+    source = state.absmax
+    kept = getattr(state, "_adapterkit_absmax", None)
+    if kept is not None and kept[0] is source and kept[1] == source._version:
+        return kept[2]
     import bitsandbytes.functional as bnb_f
 
-    return bnb_f.dequantize_4bit(param.data, param.quant_state).to(dtype)
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor even when first met under inference_mode
+        absmax = bnb_f.dequantize_blockwise(source, state.state2)
+        absmax += state.offset
+        absmax = absmax.float()
+    state._adapterkit_absmax = (source, source._version, absmax)
+    return absmax
+
+
+def _dequantizer_4bit(param: torch.Tensor, dtype: torch.dtype):
+    """A zero-argument callable giving a standard-layout `Params4bit`'s (out, in) values in `dtype`, as bitsandbytes'
+    matmul dequantizes them: one dequantize op (the absmax kept expanded), nothing else on the hot path."""
+    state = param.quant_state
+    data = param.data
+    if data.dim() != 2 or data.shape[1] != 1:  # a packed layout the op does not take as is: bitsandbytes' own call
+        import bitsandbytes.functional as bnb_f
+
+        return lambda: bnb_f.dequantize_4bit(data, state).to(dtype)
+    op = torch.ops.bitsandbytes.dequantize_4bit.default
+    absmax = _expanded_absmax(state)
+    blocksize, quant_type, shape, stored = state.blocksize, state.quant_type, state.shape, state.dtype
+    if stored is dtype:
+        return lambda: op(data, absmax, blocksize, quant_type, shape, stored)
+    return lambda: op(data, absmax, blocksize, quant_type, shape, stored).to(dtype)
 
 
 def _unpack_for_training(module: nn.Module) -> None:
@@ -189,7 +222,7 @@ class Bnb4bitView(BaseView):
         param = module.weight
         if getattr(param, "quant_state", None) is None or _packed_for_cpu(param):
             return None
-        return functools.partial(_dequantize_as, param, _float_dtype(module))
+        return _dequantizer_4bit(param, _float_dtype(module))
 
 
 # -- bitsandbytes 8-bit ------------------------------------------------------------------------------------------

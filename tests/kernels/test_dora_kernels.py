@@ -476,3 +476,63 @@ def test_saved_memory_not_above_reference(p):
     assert lean <= ours - n_out  # recompute drops the (N, out) pre-scale output
     if p:
         assert ours <= ref - n_d  # no dropped-out copy of x is stored
+
+
+# ---------------------------------------------------------------- the lean CUDA node, with its passes as torch ops
+
+
+class _TorchPasses:
+    """What kernels/_triton_dora.py computes, in float32 torch ops: stands in for the Triton passes on a CPU."""
+
+    @staticmethod
+    def scale_columns_(y, magnitude, norm, bias):
+        out = y.float() * (magnitude.float() / norm)
+        if bias is not None:
+            out += bias.float()
+        return y.copy_(out)
+
+    @staticmethod
+    def scale_grad(g, y, magnitude, norm, bias, m_dtype):
+        gc = (g.float() * (magnitude.float() / norm)).to(g.dtype)
+        if y is None:
+            return gc, None
+        dm = (g.float() * y.float()).sum(0)
+        if bias is not None:
+            dm -= bias.float() * g.float().sum(0)
+        return gc, (dm / magnitude.float()).to(m_dtype)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("fifo", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("frozen_m", [False, True], ids=["m-trained", "m-frozen"])
+def test_lean_node_matches_reference_fp32(bias, fifo, frozen_m, monkeypatch):
+    """_DoraFastFn (the no-dropout GPU node) against the reference: values and the gradients of x, A, B and m."""
+    from adapterkit.kernels import dora as dora_mod
+
+    monkeypatch.setattr(dora_mod, "_triton", lambda: _TorchPasses)
+    x, w, b, a, bb, m = make(bias=bias, fifo=fifo, seed=21)
+    x3 = x.detach().view(3, 3, -1).requires_grad_(True)
+    if frozen_m:
+        m.requires_grad_(False)
+    s = 0.8
+    norm = dora_weight_norm(w, a, bb, s, fifo)
+    y = dora_mod._DoraFastFn.apply(x3, w.t() if fifo else w, b, a, bb, m, norm, s)
+    y_ref = dora_linear_reference(x3, w, b, a, bb, m, s, 0.0, False, None, fan_in_fan_out=fifo)
+    assert y.shape == y_ref.shape == (3, 3, 24)
+    assert rel(y, y_ref) <= 1e-6
+    dy = torch.randn_like(y)
+    wrt = (x3, a, bb) if frozen_m else (x3, a, bb, m)
+    for got, ref in zip(grads(y, wrt, dy), grads(y_ref, wrt, dy)):
+        assert ref.abs().sum() > 0
+        assert rel(got, ref) <= 1e-5
+
+
+def test_dora_linear_takes_the_lean_node_only_where_it_applies(monkeypatch):
+    """On a CPU tensor, with dropout, or with a trainable base the general node or the reference runs instead."""
+    from adapterkit.kernels import dora as dora_mod
+
+    calls = []
+    monkeypatch.setattr(dora_mod._DoraFastFn, "apply", lambda *args: calls.append(args))
+    x, w, b, a, bb, m = make(seed=22)
+    dora_linear(x, w, b, a, bb, m, 1.0, from_output=True)  # CPU: never the CUDA node
+    assert calls == []

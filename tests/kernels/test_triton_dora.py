@@ -91,6 +91,30 @@ def test_dora_node_with_triton_passes_matches_plain_node(dtype, bias):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_lean_node_matches_plain_node(dtype, bias):
+    """_DoraFastFn (what `dora_linear` runs on CUDA without dropout) against the plain-PyTorch DoRA node."""
+    w, a, b, m, bvec = factors(160, 64, 8, dtype)
+    bvec = bvec if bias else None
+    x = torch.randn(2, 75, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
+    norm = dora_mod.dora_weight_norm(w, a, b, 0.5)
+    results = []
+    for lean in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (x, a, b, m)]
+        if lean:
+            out = dora_mod._DoraFastFn.apply(leaves[0], w, bvec, leaves[1], leaves[2], leaves[3], norm, 0.5)
+        else:
+            out = dora_mod._DoraLinearFn.apply(leaves[0], w, bvec, leaves[1], leaves[2], leaves[3], norm, 0.5, 0.0,
+                                               None, True, True, False)
+        out.float().square().sum().backward()
+        results.append([out.detach().float()] + [t.grad.float() for t in leaves])
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for got, want in zip(results[1], results[0]):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
 def test_scale_columns_refuses_a_non_contiguous_output():
     _, _, _, m, _ = factors(64, 8, 4, torch.float32)
     y = torch.randn(64, 10).to(DEVICE).t()  # (10, 64) view with strides (1, 10)

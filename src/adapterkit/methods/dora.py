@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.dora import dora_weight_norm, frozen_weight_norm
+from ..kernels.dora import cached_weight_sq_norm, dora_weight_norm
 
 
 
@@ -54,21 +54,32 @@ class Magnitude(nn.Module):
         return weight.detach().T if transposed else weight.detach()
 
     def norm(self, layer: nn.Module) -> torch.Tensor:
-        """‖M + s·B·A‖ per row, float32, detached; cached while A, B and the base weight are unchanged."""
+        """‖M + s·B·A‖ per row, float32, detached; cached while A, B and the base weight are unchanged.
+
+        Training changes A and B every step, so this runs per layer and step: the check is a few attribute reads, and
+        ‖M‖² of a frozen float base is kept beside the norm (one global-cache lookup when the base weight changes).
+        """
         a, b = self._factors(layer)
         weight = layer.base_layer.weight
-        versions = (a._version, b._version, weight._version, a.data_ptr(), b.data_ptr(), weight.data_ptr())
+        w_stamp = (weight._version, weight.data_ptr())
+        versions = (a._version, b._version, a.data_ptr(), b.data_ptr())
         cached = self._cache
-        if cached is not None and cached[0] is a and cached[1] is b and cached[2] is weight and cached[3] == versions:
-            return cached[4]
+        if cached is not None and cached[2] is weight and cached[3] == w_stamp:
+            if cached[0] is a and cached[1] is b and cached[4] == versions:
+                return cached[5]
+            sq = cached[6]
+        else:
+            sq = None
         base = layer.base_layer
         transposed = _is_embedding(layer) or layer.view.fan_in_fan_out  # M = stored weightᵀ
         if layer.view.quantized(base):
             stored = layer.view.float_weight(base)  # dequantized each time the factors change
             norm = dora_weight_norm(stored, a, b, self.record.scaling, transposed)
         else:
-            norm = frozen_weight_norm(weight, a, b, self.record.scaling, transposed)
-        self.__dict__["_cache"] = (a, b, weight, versions, norm)
+            if sq is None:
+                sq = cached_weight_sq_norm(weight, transposed)
+            norm = dora_weight_norm(weight, a, b, self.record.scaling, transposed, sq)
+        self.__dict__["_cache"] = (a, b, weight, w_stamp, versions, norm, sq)
         return norm
 
     def apply(self, layer: nn.Module, h: torch.Tensor, out: torch.Tensor, dropped: bool) -> torch.Tensor:
