@@ -82,7 +82,7 @@ def _quantize_nf4(model, device: str, dtype) -> None:
     model.quantization_method = "bitsandbytes"
 
 
-def attach(model, library: str, options: str, base: str):
+def attach(model, library: str, options: str, base: str, offload_layers: int | None = None):
     """LoRA all-linear r=16 (head excluded) in the base's compute dtype; the library's memory options applied."""
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     if library == "peft":
@@ -104,7 +104,8 @@ def attach(model, library: str, options: str, base: str):
 
     ak.attach(model, ak.LoraConfig(r=16, lora_alpha=32, target_modules=targets))
     if "k" in options or "o" in options:
-        ak.checkpoint_layers(model, offload="o" in options, recompute="k" in options)
+        offload = ("o" in options) if offload_layers is None or "o" not in options else offload_layers
+        ak.checkpoint_layers(model, offload=offload, recompute="k" in options)
     return model
 
 
@@ -149,9 +150,11 @@ def measure(name: str, base: str, library: str, options: str, args) -> dict:
     device = "cpu" if args.small else "cuda"
     budget = args.cpu_budget_mib * 2**20 if args.small else None
     row = {"config": name, "base": base, "library": library, "options": options}
+    if "o" in options and args.offload_layers is not None:
+        row["offload_layers"] = args.offload_layers
     try:
         model = attach(build(TINY if args.small else {**LLAMA_8B, "num_hidden_layers": args.layers}, base, device),
-                       library, options, base)
+                       library, options, base, args.offload_layers)
     except ImportError as exc:
         return {**row, "skipped": f"{exc.name or exc} is not installed"}
     except Exception as exc:  # noqa: BLE001 - a base this library cannot adapt is a result, not a crash
@@ -275,6 +278,8 @@ def parse(argv=None):
     p.add_argument("--config-seconds", type=float, default=None, help="search time per configuration")
     p.add_argument("--total-seconds", type=float, default=450.0, help="start no configuration after this")
     p.add_argument("--only", nargs="*", default=None, help="configs to run (names as in the table)")
+    p.add_argument("--offload-layers", type=int, default=None,
+                   help="offload configs: offload only the first N decoder layers (host memory too small for all)")
     p.add_argument("--cpu-budget-mib", type=float, default=0.5, help="--small: simulated memory for activations")
     p.add_argument("--subprocess", action="store_true", help="--small: one subprocess per config as on the GPU")
     p.add_argument("--saved-bytes", action="store_true", help="CPU: bytes LoRA keeps for backward, and what the "

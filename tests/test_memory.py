@@ -12,7 +12,7 @@ from adapterkit import memory
 from helpers import build, input_ids
 
 TOL = dict(atol=1e-6, rtol=1e-6)
-MODES = [dict(), dict(offload=True), dict(offload=True, recompute=False)]
+MODES = [dict(), dict(offload=True), dict(offload=1), dict(offload=True, recompute=False)]
 
 
 def _adapted(arch: str, dropout: float = 0.0) -> nn.Module:
@@ -34,7 +34,7 @@ def _step_grads(model: nn.Module, seed: int = 0) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
-@pytest.mark.parametrize("mode", MODES, ids=["recompute", "recompute+offload", "offload"])
+@pytest.mark.parametrize("mode", MODES, ids=["recompute", "recompute+offload", "recompute+offload-first", "offload"])
 def test_gradients_equal_the_plain_run_with_a_frozen_embedding(arch, mode):
     model = _adapted(arch, dropout=0.1)  # dropout: the recompute must replay the same masks
     assert not model.get_input_embeddings().weight.requires_grad
@@ -112,6 +112,40 @@ def test_offload_with_recompute_keeps_only_the_layer_inputs(monkeypatch):
     assert len(packed) > 10 * len(model.model.layers)  # every activation the layers keep
 
 
+def test_offloading_the_first_layers_only(monkeypatch):
+    """offload=N sends the first N layers' checkpoints to host memory and keeps the others on the device."""
+    model = _adapted("llama")
+    n_layers = len(model.model.layers)
+    assert n_layers >= 2
+    calls = []
+
+    def counting(pin_memory):
+        calls.append(1)
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", counting)
+    ids = input_ids(batch=2, length=9)
+    for n in (0, 1, n_layers):
+        calls.clear()
+        with ak.checkpointed(model, offload=n):
+            model(input_ids=ids, labels=ids).loss.backward()
+        assert len(calls) == n  # one offload scope per offloaded layer's forward
+
+
+def test_bad_offload_values_are_refused():
+    model = _adapted("llama")
+    n_layers = len(model.model.layers)
+    with pytest.raises(ak.ConfigError, match=f"has {n_layers} decoder layers"):
+        ak.checkpoint_layers(model, offload=n_layers + 1)
+    with pytest.raises(ak.ConfigError, match="a number of layers"):
+        ak.checkpoint_layers(model, offload=-1)
+    with pytest.raises(ak.ConfigError, match="a number of layers"):
+        ak.checkpoint_layers(model, offload=0.5)
+    with pytest.raises(ak.ConfigError, match="offloads every layer's activations"):
+        ak.checkpoint_layers(model, offload=1, recompute=False)
+    assert not any("forward" in layer.__dict__ for layer in model.model.layers)  # refused before any change
+
+
 def test_checkpointing_keeps_fewer_bytes():
     model = _adapted("llama")
     ids = input_ids(batch=2, length=9)
@@ -174,7 +208,8 @@ def test_train_options_give_the_plain_training_run():
     from adapterkit.train import TrainConfig, train
 
     results = []
-    for opts in (dict(), dict(loss_chunk=4, checkpoint=True, offload=True), dict(loss_chunk=3, offload=True)):
+    for opts in (dict(), dict(loss_chunk=4, checkpoint=True, offload=True), dict(loss_chunk=3, offload=True),
+                 dict(checkpoint=True, offload=1)):
         model = build("llama", tie=True)
         ak.attach(model, ak.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
         cfg = TrainConfig(max_steps=3, batch_size=3, warmup_steps=1, lr=1e-2, **opts)
@@ -202,3 +237,15 @@ def test_long_context_bench_small_run():
     assert rows["ak+chunk+ckpt+offload"]["loss"] == "chunked"
     (sub,) = bench.main(["--small", "--subprocess", "--only", "ak+chunk+ckpt"])  # the GPU run's path
     assert sub["config"] == "ak+chunk+ckpt" and sub["longest"] > rows["ak"]["longest"], sub
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--offload-layers", "1"], "--offload-layers offloads the checkpointed layers' inputs: add --checkpoint"),
+    (["--checkpoint", "--offload-layers", "-1"], "--offload-layers must be 0 or more, got -1"),
+])
+def test_cli_offload_layers_bad_values(argv, message, capsys, tmp_path):
+    from adapterkit.cli.main import main
+
+    assert main(["train", "--out", str(tmp_path / "o"), *argv]) != 0
+    assert not (tmp_path / "o").exists()
+    assert message in " ".join(capsys.readouterr().err.split())

@@ -74,14 +74,18 @@ def _memory_forward(self: nn.Module, *args, **kwargs):
 def checkpoint_layers(
     model: nn.Module,
     *,
-    offload: bool = False,
+    offload: bool | int = False,
     recompute: bool = True,
     layers: list[nn.Module] | None = None,
 ) -> nn.Module:
     """Recompute each decoder layer in backward instead of keeping its activations (in place; returns the model).
 
     Args:
-        offload: keep what remains on host memory instead of the accelerator (pinned when CUDA is present).
+        offload: keep what remains on host memory instead of the accelerator (pinned when CUDA is present). True:
+            every layer; an int N: the first N layers only, the rest keep theirs on the accelerator. For when host
+            memory cannot hold every layer's checkpoint (at 400k tokens an 8B model's 32 checkpoints are 105 GB) but
+            the accelerator has room for some: the first layers' checkpoints wait longest for backward, the last
+            layers' are read back first.
         recompute: False keeps every activation but offloads it (needs offload=True): no recompute, more transfers.
         layers: the blocks to wrap (default: `decoder_layers(model)`).
 
@@ -89,6 +93,8 @@ def checkpoint_layers(
     handed to a recomputed layer is dropped, as transformers' own gradient checkpointing does. Calling it again
     reconfigures the same layers; `uncheckpoint_layers` restores the plain forward.
     """
+    if not isinstance(offload, (bool, int)) or offload < 0:
+        raise ConfigError(f"offload must be True, False or a number of layers (an int >= 0), got {offload!r}")
     if not recompute and not offload:
         raise ConfigError("checkpoint_layers(recompute=False) only makes sense with offload=True: without either, "
                           "the layers keep their activations as they do unwrapped")
@@ -96,13 +102,21 @@ def checkpoint_layers(
     if not targets:
         raise ConfigError(f"{type(model).__name__}: found no decoder layers (an nn.ModuleList of identical blocks, "
                           "e.g. model.model.layers); pass layers=[...] explicitly")
-    for layer in targets:
+    n_offload = len(targets) if offload is True else int(offload)
+    if n_offload > len(targets):
+        raise ConfigError(f"offload={offload}: the model has {len(targets)} decoder layers to checkpoint; offload at "
+                          f"most that many (or True for all)")
+    if not recompute and n_offload < len(targets):
+        raise ConfigError("checkpoint_layers(recompute=False) offloads every layer's activations: offload=True, not "
+                          f"{offload}")
+    for i, layer in enumerate(targets):
+        off = i < n_offload
         state = layer.__dict__.get(_STATE)
         if state is not None:  # already wrapped: keep the original forward, change the settings
-            layer.__dict__[_STATE] = (state[0], offload, recompute, state[3])
+            layer.__dict__[_STATE] = (state[0], off, recompute, state[3])
             continue
         previous = layer.__dict__.get("forward")  # an instance-level forward someone else installed, or None
-        layer.__dict__[_STATE] = (layer.forward, offload, recompute, previous)
+        layer.__dict__[_STATE] = (layer.forward, off, recompute, previous)
         layer.forward = types.MethodType(_memory_forward, layer)
     return model
 
@@ -121,7 +135,7 @@ def uncheckpoint_layers(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def checkpointed(model: nn.Module, *, offload: bool = False, recompute: bool = True) -> Iterator[nn.Module]:
+def checkpointed(model: nn.Module, *, offload: bool | int = False, recompute: bool = True) -> Iterator[nn.Module]:
     """`with checkpointed(model): loss.backward()`-style scope for `checkpoint_layers`; restored on exit."""
     checkpoint_layers(model, offload=offload, recompute=recompute)
     try:

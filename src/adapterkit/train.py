@@ -37,7 +37,7 @@ class TrainConfig:
     max_seconds: float | None = None  # wall-time budget: stop after the step that crosses it; the schedule follows
     loss_chunk: int | None = None  # tokens per chunk of the output loss (None: the head's logits in one piece)
     checkpoint: bool = False  # recompute each decoder layer in backward instead of keeping its activations
-    offload: bool = False  # keep what the layers keep for backward in host memory
+    offload: bool | int = False  # keep what the layers keep for backward in host memory (an int: the first N layers)
     loraplus_ratio: float | None = None  # LoRA+: lora_B learns this many times faster than lora_A (optim.py)
 
 

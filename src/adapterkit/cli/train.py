@@ -62,6 +62,9 @@ def train_command(
                                     "keeping its activations."),
     offload: bool = typer.Option(False, "--offload", help="Keep what the layers save for backward in host memory "
                                  "(with --checkpoint: only the layer inputs)."),
+    offload_layers: Optional[int] = typer.Option(None, "--offload-layers", help="With --checkpoint: offload only the "
+                                                 "first N decoder layers' inputs; the rest stay on the accelerator "
+                                                 "(when host memory cannot hold all of them)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="QLoRA: quantize the base's linear layers (all "
                                            "but the output head) with bitsandbytes: nf4, fp4 or int8."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard the model with FSDP2 (fully_shard) "
@@ -83,6 +86,13 @@ def train_command(
                         ("--loss-chunk", 1 if loss_chunk is None else loss_chunk)):
         if value < 1:
             raise CliError(f"{name} must be at least 1, got {value}")
+    if offload_layers is not None:
+        if not checkpoint:
+            raise CliError("--offload-layers offloads the checkpointed layers' inputs: add --checkpoint")
+        if offload_layers < 0:
+            raise CliError(f"--offload-layers must be 0 or more, got {offload_layers}")
+        options["offload"] = offload_layers  # the first N layers (checkpoint_layers refuses more than the model has)
+    del options["offload_layers"]
     if loraplus_ratio is not None and not loraplus_ratio > 0:
         raise CliError(f"--loraplus-ratio must be a positive number, got {loraplus_ratio}")
     if threads:
@@ -164,8 +174,11 @@ def _train(*, out, model, data, method, r, target_r, alpha, targets, dropout, la
     if checkpoint or offload:
         from ..memory import decoder_layers
 
-        if not decoder_layers(base):
+        blocks = decoder_layers(base)
+        if not blocks:
             raise CliError(f"--checkpoint/--offload: found no decoder layers in {type(base).__name__}")
+        if not isinstance(offload, bool) and offload > len(blocks):
+            raise CliError(f"--offload-layers {offload}: {type(base).__name__} has {len(blocks)} decoder layers")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     forward = dist_setup.wrap(base, group, fsdp) if group is not None else None
     part = (group.rank, group.world) if group is not None else (0, 1)
