@@ -71,42 +71,27 @@ def test_long_inputs_keep_the_partial_sums_within_one_program():
         assert per >= tk.GRAD_ROWS and -(-rows // per) <= tk.MAX_PARTS
 
 
+def _general_node(x, w, bias, a, b, m, norm, s, use_triton=True):
+    return dora_mod._DoraLinearFn.apply(x, w, bias, a, b, m, norm, s, 0.0, None, True, True, use_triton)
+
+
+def _lean_node(x, w, bias, a, b, m, norm, s):
+    return dora_mod._DoraFastFn.apply(x, w, bias, a, b, m, norm, s)  # what dora_linear runs on CUDA without dropout
+
+
+@pytest.mark.parametrize("node", [_general_node, _lean_node], ids=["general-node", "lean-node"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_dora_node_with_triton_passes_matches_plain_node(dtype, bias):
+def test_dora_node_with_triton_passes_matches_plain_node(node, dtype, bias):
+    """Each DoRA node running the Triton passes against the plain-PyTorch node: output and every gradient."""
     w, a, b, m, bvec = factors(160, 64, 8, dtype)
     bvec = bvec if bias else None
     x = torch.randn(3, 50, 64, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
     norm = dora_mod.dora_weight_norm(w, a, b, 0.5)
     results = []
-    for use_triton in (False, True):
+    for run in (lambda *t: _general_node(*t, use_triton=False), node):
         leaves = [t.clone().requires_grad_(True) for t in (x, a, b, m)]
-        out = dora_mod._DoraLinearFn.apply(leaves[0], w, bvec, leaves[1], leaves[2], leaves[3], norm, 0.5, 0.0,
-                                           None, True, True, use_triton)
-        out.float().square().sum().backward()
-        results.append([out.detach().float()] + [t.grad.float() for t in leaves])
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    for got, want in zip(results[1], results[0]):
-        assert want.abs().sum() > 0
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_lean_node_matches_plain_node(dtype, bias):
-    """_DoraFastFn (what `dora_linear` runs on CUDA without dropout) against the plain-PyTorch DoRA node."""
-    w, a, b, m, bvec = factors(160, 64, 8, dtype)
-    bvec = bvec if bias else None
-    x = torch.randn(2, 75, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
-    norm = dora_mod.dora_weight_norm(w, a, b, 0.5)
-    results = []
-    for lean in (False, True):
-        leaves = [t.clone().requires_grad_(True) for t in (x, a, b, m)]
-        if lean:
-            out = dora_mod._DoraFastFn.apply(leaves[0], w, bvec, leaves[1], leaves[2], leaves[3], norm, 0.5)
-        else:
-            out = dora_mod._DoraLinearFn.apply(leaves[0], w, bvec, leaves[1], leaves[2], leaves[3], norm, 0.5, 0.0,
-                                               None, True, True, False)
+        out = run(leaves[0], w, bvec, leaves[1], leaves[2], leaves[3], norm, 0.5)
         out.float().square().sum().backward()
         results.append([out.detach().float()] + [t.grad.float() for t in leaves])
     tol = 1e-5 if dtype == torch.float32 else 3e-2
