@@ -84,6 +84,16 @@ class Timer:
                 times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
 
+    def interleaved(self, cases: dict, warmup: int, iters: int) -> dict:
+        """Median milliseconds of each case, the cases called in turn, one call each per round."""
+        times: dict = {label: [] for label in cases}
+        for rnd in range(warmup + iters):
+            for label, fn in cases.items():
+                ms = self(fn, 0, 1)
+                if rnd >= warmup:
+                    times[label].append(ms)
+        return {label: statistics.median(t) for label, t in times.items()}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -126,25 +136,31 @@ def main() -> None:
         for phase, (rows, tokens, k) in (("prefill", prefill), ("decode", decode)):
             ids = torch.randint(0, shape["vocab_size"], (rows, tokens), device=device, generator=gen)
             route = [names[i % k] for i in range(rows)]
-            ms = {}
             with torch.inference_mode():
-                ms["base"] = timer(lambda: base(input_ids=ids, use_cache=False), warmup, iters)
                 pm.set_adapter(names[0])
-                ms["peft one adapter"] = timer(lambda: pm(input_ids=ids, use_cache=False), warmup, iters)
-                ms["peft mixed"] = timer(lambda: pm(input_ids=ids, use_cache=False, adapter_names=route), warmup, iters)
                 ak.set_active(akm, names[0])
-                ms["adapterkit one adapter"] = timer(lambda: akm(input_ids=ids, use_cache=False), warmup, iters)
 
-                def routed_call():
-                    with ak.routed(akm, route):  # entering writes the route into the table's index tensor
-                        return akm(input_ids=ids, use_cache=False)
+                def routed_call(backend="auto"):
+                    gathered._BACKEND = backend
+                    try:
+                        with ak.routed(akm, route):  # entering writes the route into the table's index tensor
+                            return akm(input_ids=ids, use_cache=False)
+                    finally:
+                        gathered._BACKEND = "auto"
 
-                ms["adapterkit mixed"] = timer(routed_call, warmup, iters)  # the automatic choice
+                cases = {
+                    "base": lambda: base(input_ids=ids, use_cache=False),
+                    "peft one adapter": lambda: pm(input_ids=ids, use_cache=False),
+                    "peft mixed": lambda: pm(input_ids=ids, use_cache=False, adapter_names=route),
+                    "adapterkit one adapter": lambda: akm(input_ids=ids, use_cache=False),
+                    "adapterkit mixed": routed_call,  # the automatic choice
+                }
                 if device == "cuda":
                     for forced in ("torch", "triton"):
-                        gathered._BACKEND = forced
-                        ms[f"adapterkit mixed ({forced} path forced)"] = timer(routed_call, warmup, iters)
-                    gathered._BACKEND = "auto"
+                        cases[f"adapterkit mixed ({forced} path forced)"] = lambda f=forced: routed_call(f)
+                # Round by round, every row once per round: a change in the host's speed during the run (eager
+                # decode is bound by it) falls on every row alike instead of on whichever row ran then.
+                ms = timer.interleaved(cases, warmup, iters)
                 want = pm(input_ids=ids, use_cache=False, adapter_names=route).logits.float()
                 got = routed_call().logits.float()
                 results[f"{phase}_max_rel_diff_vs_peft"] = float((got - want).abs().max() / want.abs().max())

@@ -346,3 +346,27 @@ def test_table_index_written_in_and_out_of_inference_mode():
         second = model(input_ids=ids).logits
     torch.testing.assert_close(first, alone(model, ids, ["a", "b"]), atol=ATOL, rtol=0)
     torch.testing.assert_close(second, alone(model, ids, ["b", "a"]), atol=ATOL, rtol=0)
+
+
+def test_serving_bench_small_run(tmp_path, monkeypatch):
+    """bench/serve.py --small: every row is timed (round by round) and the mixed outputs agree with PEFT's."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "serve.py"
+    spec = importlib.util.spec_from_file_location("bench_serve", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--small", "--iters", "2"])
+    bench.main()
+    results = json.loads((tmp_path / "serve.json").read_text())
+    for phase in ("prefill", "decode"):
+        ms = results["ms"][phase]
+        assert set(ms) == {"base", "peft one adapter", "peft mixed", "adapterkit one adapter", "adapterkit mixed"}
+        assert all(isinstance(v, float) and v > 0 for v in ms.values())
+        assert results[f"{phase}_max_rel_diff_vs_peft"] < 1e-5  # fp32: the same answer as PEFT's mixed batch
+        assert results[f"{phase}_adapter_effect"] > 1e-3  # and the adapters change it
+    assert set(results["hot_swap_ms"]) == {"put from disk", "put from attached adapter"}
