@@ -7,6 +7,7 @@ biases; OPT has them on every linear layer (an output-scaling merge scales them 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -92,3 +93,23 @@ def copy_values(source: nn.Module, target: nn.Module, markers: tuple[str, ...]) 
             p.copy_(values[key])
             count += 1
     return count
+
+
+def assert_unquantized_layers_refused(config) -> None:
+    """bitsandbytes layers that hold float weights (a 4-bit layer never moved to a device, an 8-bit one with
+    has_fp16_weights=True) are refused by `attach(config)`, config targeting "proj", and stay as they were."""
+    import bitsandbytes as bnb
+
+    class Net(nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.proj = layer
+
+    four = Net(bnb.nn.Linear4bit(64, 64, quant_type="nf4"))  # never moved to a device: still float
+    with pytest.raises(ak.TargetError, match="not quantized yet"):
+        ak.attach(four, config)
+    eight = Net(bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=True).to("cpu"))
+    with pytest.raises(ak.TargetError, match="has_fp16_weights=False"):
+        ak.attach(eight, config)
+    assert type(four.proj) is bnb.nn.Linear4bit and type(eight.proj) is bnb.nn.Linear8bitLt
+    assert not ak.adapters(four) and not ak.adapters(eight)

@@ -119,16 +119,22 @@ def train_steps(model: nn.Module, steps: int = 8, lr: float = 0.05) -> tuple[flo
     return losses[0], losses[-1]
 
 
-def two_adapters_both_ways(model: nn.Module, build, tmp_path) -> None:
-    """`model` carries adapters "default" and "other" (different outputs): saved here, each loads in PEFT and in a
-    fresh model here with the same output."""
-    import peft  # the test extra; imported here so modules using only the rest of this file need not have it
-
+def two_outputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The output with adapter "default" active and with "other" active, checked to differ."""
     outs = {}
     for name in ("default", "other"):
         ak.set_active(model, name)
         outs[name] = output(model)
     assert (outs["default"] - outs["other"]).abs().max() > 1e-4
+    return outs
+
+
+def two_adapters_both_ways(model: nn.Module, build, tmp_path) -> None:
+    """`model` carries adapters "default" and "other" (different outputs): saved here, each loads in PEFT and in a
+    fresh model here with the same output."""
+    import peft  # the test extra; imported here so modules using only the rest of this file need not have it
+
+    outs = two_outputs(model)
     ak.save(model, tmp_path)
     pm = peft.PeftModel.from_pretrained(build("llama"), tmp_path)
     pm.load_adapter(tmp_path / "other", adapter_name="other")

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from bnb_cases import logits, packed_state, without_cpu_repack
+from bnb_cases import assert_unquantized_layers_refused, logits, packed_state, without_cpu_repack
 from helpers import input_ids, tiny_llama
 from torch import nn
 
@@ -310,18 +310,7 @@ def test_merge_overflowing_the_int8_source_dtype_is_refused_untouched():
 
 
 def test_unquantized_bitsandbytes_layers_are_refused():
-    class Net(nn.Module):
-        def __init__(self, layer):
-            super().__init__()
-            self.proj = layer
-
-    four = Net(bnb.nn.Linear4bit(64, 64, quant_type="nf4"))  # never moved to a device: still float
-    with pytest.raises(ak.TargetError, match="not quantized yet"):
-        ak.attach(four, ak.LoraConfig(target_modules=["proj"]))
-    eight = Net(bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=True).to("cpu"))
-    with pytest.raises(ak.TargetError, match="has_fp16_weights=False"):
-        ak.attach(eight, ak.LoraConfig(target_modules=["proj"]))
-    assert type(four.proj) is bnb.nn.Linear4bit and type(eight.proj) is bnb.nn.Linear8bitLt
+    assert_unquantized_layers_refused(ak.LoraConfig(target_modules=["proj"]))
 
 
 def test_quantize_model_bad_inputs():

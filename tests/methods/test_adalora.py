@@ -10,7 +10,7 @@ import torch
 
 import adapterkit as ak
 from adapterkit.state import adapter_state
-from helpers import assert_unchanged, input_ids, logits, snapshot, tiny_gpt2, tiny_llama
+from helpers import assert_unchanged, input_ids, logits, snapshot, tiny_gpt2, tiny_llama, train_with
 
 peft = pytest.importorskip("peft")
 
@@ -32,21 +32,6 @@ def _pair(build=tiny_llama, **kw):
     return ours, theirs
 
 
-def _train(model, step_fn, steps=12):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = input_ids(4, 10)
-    model.train()
-    losses = []
-    for step in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        step_fn(step)
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-    return model.eval(), losses
-
-
 @pytest.mark.parametrize("build, targets", [(tiny_llama, ["q_proj", "v_proj"]), (tiny_gpt2, ["c_attn"])])
 def test_layers_compute_what_peft_s_do(build, targets):
     ours, theirs = _pair(build, target_modules=targets)
@@ -61,8 +46,8 @@ def test_layers_compute_what_peft_s_do(build, targets):
 def test_allocation_and_training_follow_peft_step_by_step(tmp_path):
     ours, theirs = _pair()
     allocator = ak.RankAllocator(ours)
-    ours, our_losses = _train(ours, allocator.step)
-    theirs, their_losses = _train(theirs, theirs.base_model.update_and_allocate)
+    our_losses = train_with(ours, allocator.step)
+    their_losses = train_with(theirs, theirs.base_model.update_and_allocate)
     # Same loss (with the orthogonality term), same pruning, same final model.
     assert our_losses == pytest.approx(their_losses, abs=1e-4)
     pattern = ak.adapters(ours)["default"].rank_pattern
@@ -93,7 +78,7 @@ def test_loss_falls_and_ranks_shrink_with_the_default_init():
     ids = input_ids(4, 10)
     with torch.no_grad():
         first = float(model(input_ids=ids, labels=ids).loss)
-    model, _ = _train(model, allocator.step, steps=12)
+    train_with(model, allocator.step, steps=12)
     allocator.remove()
     with torch.no_grad():
         assert float(model(input_ids=ids, labels=ids).loss) < first - 0.05
@@ -159,7 +144,7 @@ def test_inspect_shows_the_schedule_and_kept_ranks(tmp_path, capsys):
 
     model = ak.attach(tiny_llama(), ak.AdaLoraConfig(**KW))
     allocator = ak.RankAllocator(model)
-    _train(model, allocator.step)
+    train_with(model, allocator.step)
     ak.save(model, tmp_path)
     capsys.readouterr()
     assert main(["inspect", str(tmp_path)]) == 0

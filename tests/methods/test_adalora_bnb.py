@@ -15,7 +15,7 @@ from adapterkit.methods.adalora import AdaLoraLinear
 from adapterkit.state import adapter_state
 from bnb_cases import (KINDS, TOLERANCE, assert_packed_equal, copy_values, float_twin, logits, packed_state,
                        quantized, without_cpu_repack)
-from helpers import input_ids
+from helpers import train_with
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
@@ -45,22 +45,6 @@ def attached(kind: str, **kwargs) -> nn.Module:
     return attach_ours(quantized("llama", kind), **kwargs)
 
 
-def train(model: nn.Module, step_fn, steps: int = 12) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = input_ids(4, 10)
-    model.train()
-    losses = []
-    for step in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        step_fn(step)
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-    model.eval()
-    return losses
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_outputs_match_the_dequantized_float_model(kind):
     model = quantized("llama", kind)
@@ -82,8 +66,8 @@ def test_training_and_allocation_follow_peft_and_files_go_both_ways(kind, tmp_pa
     assert copy_values(ours, theirs, MARK) == 18
     assert type(theirs.base_model.model.model.layers[0].mlp.down_proj).__name__.startswith("SVDLinear")
     allocator = ak.RankAllocator(ours)
-    our_losses = train(ours, allocator.step)
-    their_losses = train(theirs, theirs.base_model.update_and_allocate)
+    our_losses = train_with(ours, allocator.step)
+    their_losses = train_with(theirs, theirs.base_model.update_and_allocate)
     assert our_losses == pytest.approx(their_losses, abs=1e-4) and our_losses[-1] < our_losses[0]
     pattern = ak.adapters(ours)["default"].rank_pattern
     assert pattern == {k.replace(".default", ""): v for k, v in theirs.peft_config["default"].rank_pattern.items()}

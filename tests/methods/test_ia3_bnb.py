@@ -14,8 +14,8 @@ import adapterkit as ak
 from adapterkit.methods.ia3_bnb import IA3BnbLinear
 from adapterkit.quantized import quantized_view
 from adapterkit.state import adapter_state
-from bnb_cases import (KINDS, TOLERANCE, assert_packed_equal, copy_values, float_twin, logits, packed_state,
-                       quantized, set_values, without_cpu_repack)
+from bnb_cases import (KINDS, TOLERANCE, assert_packed_equal, assert_unquantized_layers_refused, copy_values, float_twin,
+                       logits, packed_state, quantized, set_values, without_cpu_repack)
 from helpers import build, input_ids
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -192,19 +192,7 @@ def test_merge_overflowing_the_int8_source_dtype_is_refused():
 
 
 def test_unquantized_bitsandbytes_layers_are_refused():
-    class Net(nn.Module):
-        def __init__(self, layer):
-            super().__init__()
-            self.proj = layer
-
-    four = Net(bnb.nn.Linear4bit(64, 64, quant_type="nf4"))  # never moved to a device: still float
-    with pytest.raises(ak.TargetError, match="not quantized yet"):
-        ak.attach(four, ak.IA3Config(target_modules=["proj"], feedforward_modules=[]))
-    eight = Net(bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=True).to("cpu"))
-    with pytest.raises(ak.TargetError, match="has_fp16_weights=False"):
-        ak.attach(eight, ak.IA3Config(target_modules=["proj"], feedforward_modules=["proj"]))
-    assert type(four.proj) is bnb.nn.Linear4bit and type(eight.proj) is bnb.nn.Linear8bitLt
-    assert not ak.adapters(four) and not ak.adapters(eight)
+    assert_unquantized_layers_refused(ak.IA3Config(target_modules=["proj"], feedforward_modules=["proj"]))
 
 
 def test_file_of_another_width_is_refused_on_the_quantized_model(tmp_path):
