@@ -128,18 +128,19 @@ def perturb(params, scale: float = 0.05, seed: int = 123) -> None:
         p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * scale)
 
 
-def train_with(model: nn.Module, after_step, steps: int = 12, lr: float = 1e-2) -> list[float]:
-    """`steps` AdamW steps on a fixed batch, calling `after_step(step)` after each optimizer step (an AdaLoRA
-    allocator's); returns the losses and leaves the model in eval mode."""
+def train_with(model: nn.Module, after_step=None, steps: int = 12, lr: float = 1e-2, length: int = 10) -> list[float]:
+    """`steps` AdamW steps on a fixed batch of 4 x `length` tokens, calling `after_step(step)` after each optimizer
+    step (an AdaLoRA allocator's) when given; returns the losses and leaves the model in eval mode."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    ids = input_ids(4, 10)
+    ids = input_ids(4, length)
     model.train()
     losses = []
     for step in range(steps):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
-        after_step(step)
+        if after_step is not None:
+            after_step(step)
         opt.zero_grad()
         losses.append(float(loss.detach()))
     model.eval()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import adapterkit as ak
-from helpers import assert_unchanged, input_ids, logits, perturb, snapshot, tiny_gpt2, tiny_llama
+from helpers import assert_unchanged, logits, perturb, snapshot, tiny_gpt2, tiny_llama, train_with
 
 peft = pytest.importorskip("peft")
 
@@ -76,24 +76,11 @@ def test_pissa_on_conv1d_matches_peft():
     torch.testing.assert_close(logits(ours), logits(tiny_gpt2()), atol=1e-4, rtol=0)
 
 
-def _train(model, steps=12):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    ids = input_ids(4, 12)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-    return model.eval(), losses
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A PiSSA model trained a few steps, saved both ways."""
-    model, losses = _train(_ours("pissa"))
+    model = _ours("pissa")
+    losses = train_with(model, lr=5e-3, length=12)
     root = tmp_path_factory.mktemp("pissa")
     ak.save(model, root / "residual")
     ak.save(model, root / "plain", as_plain_lora=True)
