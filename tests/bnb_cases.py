@@ -113,3 +113,13 @@ def assert_unquantized_layers_refused(config) -> None:
         ak.attach(eight, config)
     assert type(four.proj) is bnb.nn.Linear4bit and type(eight.proj) is bnb.nn.Linear8bitLt
     assert not ak.adapters(four) and not ak.adapters(eight)
+
+
+def assert_reloads_exactly(model: nn.Module, fresh: nn.Module, path) -> None:
+    """`model`'s adapter saved to `path` loads onto `fresh` (a new quantized copy of its base) as the same base, and
+    `fresh` then gives `model`'s logits exactly."""
+    want = logits(model)
+    ak.save(model, path)
+    report = ak.load(fresh, path)
+    assert report.ok and report.base_check == "same base"
+    assert torch.equal(logits(fresh), want)

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from bnb_cases import assert_unquantized_layers_refused, logits, packed_state, without_cpu_repack
+from bnb_cases import assert_reloads_exactly, assert_unquantized_layers_refused, logits, packed_state, without_cpu_repack
 from helpers import input_ids, tiny_llama
 from torch import nn
 
@@ -169,12 +169,7 @@ def test_adapter_dtype_follows_compute_dtype_unless_given(compute):
 def test_save_then_load_on_fresh_quantized_model_is_exact(kind, tmp_path):
     model = quantized_llama(kind)
     attach_same([model], lora(dora=kind == "nf4"))
-    want = logits(model)
-    ak.save(model, tmp_path)
-    fresh = quantized_llama(kind)
-    report = ak.load(fresh, tmp_path)
-    assert report.ok and report.base_check == "same base"
-    assert torch.equal(logits(fresh), want)
+    assert_reloads_exactly(model, quantized_llama(kind), tmp_path)
 
 
 def test_fingerprint_float_and_nf4_copies_are_the_same_base(tmp_path):
@@ -425,14 +420,13 @@ def test_torchao_unsupported_weight_is_refused_before_any_change():
 def test_cli_train_quantize_then_merge_dequantized(tmp_path, capsys):
     import json
 
-    from cli.conftest import RECORDS, build_model_dir
+    from cli.conftest import build_model_dir, write_chat_data
     from transformers import AutoModelForCausalLM
 
     from adapterkit.cli.main import main
 
     base = build_model_dir(tmp_path / "base", hidden=HIDDEN)
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
+    data = write_chat_data(tmp_path / "chat.jsonl")
     adapter = tmp_path / "adapter"
     args = ["train", "--model", str(base), "--data", str(data), "--out", str(adapter), "--max-steps", "3",
             "--batch-size", "4", "--r", "4", "--lr", "1e-2"]

@@ -71,11 +71,15 @@ RECORDS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def chat_data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+def write_chat_data(path: Path) -> Path:
+    """RECORDS as a JSON-lines chat file at `path` (the `--data` of `adapterkit train`)."""
     path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> Path:
+    return write_chat_data(tmp_path_factory.mktemp("data") / "chat.jsonl")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli.conftest import RECORDS, build_model_dir
+from cli.conftest import build_model_dir, write_chat_data
 from safetensors.torch import load_file
 
 from adapterkit.cli.main import main
@@ -27,8 +27,7 @@ ENTRY = "import sys\nfrom adapterkit.cli.main import main\nsys.exit(main(sys.arg
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("torchrun")
     model = build_model_dir(root / "model", layers=1)
-    data = root / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
+    data = write_chat_data(root / "chat.jsonl")
     assert main(["train", "--model", str(model), "--data", str(data), "--out", str(root / "single"), *ARGS]) == 0
     (root / "entry.py").write_text(ENTRY)
     return root, model, data

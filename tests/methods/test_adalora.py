@@ -107,8 +107,7 @@ def test_cli_train_adalora(tmp_path):
     fixtures = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fixtures)
     model_dir = fixtures.build_model_dir(tmp_path / "model")
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in fixtures.RECORDS), encoding="utf-8")
+    data = fixtures.write_chat_data(tmp_path / "chat.jsonl")
     out = tmp_path / "out"
     assert main(["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--method", "adalora",
                  "--max-steps", "10", "--r", "4", "--target-r", "2", "--batch-size", "4", "--lr", "1e-2",

@@ -13,8 +13,8 @@ from torch import nn
 import adapterkit as ak
 from adapterkit.methods.adalora import AdaLoraLinear
 from adapterkit.state import adapter_state
-from bnb_cases import (KINDS, TOLERANCE, assert_packed_equal, copy_values, float_twin, logits, packed_state,
-                       quantized, without_cpu_repack)
+from bnb_cases import (KINDS, TOLERANCE, assert_packed_equal, assert_reloads_exactly, copy_values, float_twin,
+                       logits, packed_state, quantized, without_cpu_repack)
 from helpers import train_with
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -88,13 +88,7 @@ def test_training_and_allocation_follow_peft_and_files_go_both_ways(kind, tmp_pa
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_save_then_load_on_a_fresh_quantized_model_is_exact(kind, tmp_path):
-    model = attached(kind)
-    want = logits(model)
-    ak.save(model, tmp_path)
-    fresh = quantized("llama", kind)
-    report = ak.load(fresh, tmp_path)
-    assert report.ok and report.base_check == "same base"
-    assert torch.equal(logits(fresh), want)
+    assert_reloads_exactly(attached(kind), quantized("llama", kind), tmp_path)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -155,13 +149,12 @@ def test_unquantized_bitsandbytes_layer_is_refused():
 
 # -- command line ------------------------------------------------------------------------------------------------
 def test_cli_train_adalora_on_an_nf4_base(tmp_path, capsys):
-    from cli.conftest import RECORDS, build_model_dir
+    from cli.conftest import build_model_dir, write_chat_data
 
     from adapterkit.cli.main import main
 
     base = build_model_dir(tmp_path / "base", hidden=64)
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
+    data = write_chat_data(tmp_path / "chat.jsonl")
     out = tmp_path / "adapter"
     assert main(["train", "--model", str(base), "--data", str(data), "--out", str(out), "--method", "adalora",
                  "--quantize", "nf4", "--max-steps", "10", "--r", "4", "--target-r", "2", "--batch-size", "4",

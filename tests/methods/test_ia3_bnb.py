@@ -14,8 +14,9 @@ import adapterkit as ak
 from adapterkit.methods.ia3_bnb import IA3BnbLinear
 from adapterkit.quantized import quantized_view
 from adapterkit.state import adapter_state
-from bnb_cases import (KINDS, TOLERANCE, assert_packed_equal, assert_unquantized_layers_refused, copy_values, float_twin,
-                       logits, packed_state, quantized, set_values, without_cpu_repack)
+from bnb_cases import (KINDS, TOLERANCE, assert_packed_equal, assert_reloads_exactly,
+                       assert_unquantized_layers_refused, copy_values, float_twin, logits, packed_state, quantized,
+                       set_values, without_cpu_repack)
 from helpers import build, input_ids
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -97,13 +98,7 @@ def test_files_interchange_with_peft_on_the_same_quantized_model(arch, kind, tmp
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_save_then_load_on_a_fresh_quantized_model_is_exact(kind, tmp_path):
-    model = attach_ours(quantized("opt", kind))
-    want = logits(model)
-    ak.save(model, tmp_path)
-    fresh = quantized("opt", kind)
-    report = ak.load(fresh, tmp_path)
-    assert report.ok and report.base_check == "same base"
-    assert torch.equal(logits(fresh), want)
+    assert_reloads_exactly(attach_ours(quantized("opt", kind)), quantized("opt", kind), tmp_path)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -205,13 +200,12 @@ def test_file_of_another_width_is_refused_on_the_quantized_model(tmp_path):
 
 # -- command line ------------------------------------------------------------------------------------------------
 def test_cli_train_ia3_on_an_nf4_base(tmp_path, capsys):
-    from cli.conftest import RECORDS, build_model_dir
+    from cli.conftest import build_model_dir, write_chat_data
 
     from adapterkit.cli.main import main
 
     base = build_model_dir(tmp_path / "base", hidden=64)
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
+    data = write_chat_data(tmp_path / "chat.jsonl")
     out = tmp_path / "adapter"
     assert main(["train", "--model", str(base), "--data", str(data), "--out", str(out), "--max-steps", "3",
                  "--batch-size", "4", "--lr", "3e-2", "--method", "ia3", "--quantize", "nf4"]) == 0

@@ -145,8 +145,7 @@ def test_cli_train_loraplus_ratio(tmp_path, capsys):
 
     fixtures = _cli_fixtures()
     model_dir = fixtures.build_model_dir(tmp_path / "model")
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in fixtures.RECORDS), encoding="utf-8")
+    data = fixtures.write_chat_data(tmp_path / "chat.jsonl")
     common = ["train", "--model", str(model_dir), "--data", str(data), "--max-steps", "6", "--r", "4",
               "--batch-size", "4", "--lr", "5e-3"]
     assert main(common + ["--out", str(tmp_path / "plus"), "--loraplus-ratio", "16"]) == 0
