@@ -55,6 +55,13 @@ def test_bad_options(cli, tmp_path, tiny_model_dir, chat_data, trained_adapter):
     assert "int8" in _one_error_line(code, err)
 
 
+def test_more_offloaded_layers_than_the_model_has(cli, tmp_path, tiny_model_dir, chat_data):
+    code, _, err = cli("train", "--model", tiny_model_dir, "--data", chat_data, "--out", tmp_path / "o",
+                       "--checkpoint", "--offload-layers", "99", "--max-steps", "1")
+    assert "--offload-layers 99: LlamaForCausalLM has 2 decoder layers" in _one_error_line(code, err)
+    assert not (tmp_path / "o").exists()
+
+
 def test_debug_shows_traceback(cli, tmp_path):
     import pytest
 
