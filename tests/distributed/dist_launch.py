@@ -61,6 +61,7 @@ def _child(rank: int, world_size: int, port: int, timeout: float, fn: Callable, 
             timeout=timedelta(seconds=timeout),
         )
         value = fn(rank, world_size, *args)
+        dist.barrier()  # no rank tears its connections down while a peer may still be talking to it
     except BaseException:
         # Reported before the group is torn down: the peers' "connection closed" errors then arrive after it.
         results.put((rank, False, traceback.format_exc()))
