@@ -105,3 +105,28 @@ def test_scale_columns_refuses_a_non_contiguous_output():
     y = torch.randn(64, 10).to(DEVICE).t()  # (10, 64) view with strides (1, 10)
     with pytest.raises(ValueError, match="contiguous"):
         tk.scale_columns_(y, m, m.abs() + 1, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_norms_match_torch_for_every_item(dtype):
+    """One launch for items of different rows, ranks, scalings and layouts (a transposed Conv1D view)."""
+    specs = [(200, 4, False, 0.5), (64, 16, True, 2.0), (70, 24, False, 1.0), (129, 8, True, 0.25)]
+    items, scalings = [], []
+    for index, (rows, r, transposed, s) in enumerate(specs):
+        w, a, b, _, _ = factors(rows, 300, r, dtype, seed=index)  # 300 columns: a partial last BK block
+        items.append((w.t().contiguous().t() if transposed else w, a, b))
+        scalings.append(s)
+    got = tk.grouped_norms(items, scalings)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for (m, a, b), s, n in zip(items, scalings, got):
+        want = torch.linalg.vector_norm(m.float() + s * b.float() @ a.float(), dim=1)
+        assert n.dtype == torch.float32 and n.shape == (m.shape[0],)
+        torch.testing.assert_close(n, want, rtol=tol, atol=tol)
+    with torch.no_grad():  # the same storages with new values: the kept tables, the new norms
+        items[1][1].mul_(-3.0)
+    again = tk.grouped_norms(items, scalings)
+    m, a, b = items[1]
+    torch.testing.assert_close(again[1], torch.linalg.vector_norm(m.float() + 2.0 * b.float() @ a.float(), dim=1),
+                               rtol=tol, atol=tol)
+    assert not torch.allclose(again[1], got[1])
+    torch.testing.assert_close(again[0], got[0], rtol=0, atol=0)

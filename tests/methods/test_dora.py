@@ -184,3 +184,57 @@ def test_dora_state_records_magnitudes_as_peft_names_them() -> None:
     assert "model.layers.0.self_attn.q_proj.lora_magnitude_vector.default.weight" in names
     wrapper = adapter_state(model).wrappers["model.layers.0.self_attn.q_proj"]
     assert set(wrapper.file_tensors("default")) == {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"}
+
+
+def _dora_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = ak.attach(build("llama"), ak.LoraConfig(r=4, use_dora=True, init_lora_weights=False,
+                                                    target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
+    return model.train()
+
+
+def test_a_stale_norm_refreshes_every_stale_dora_layer_at_once(monkeypatch) -> None:
+    """As on a GPU: after an optimizer step the first DoRA layer computes all the model's stale norms in one call;
+    the others find theirs fresh. Losses and gradients equal a model whose layers compute their own."""
+    from adapterkit.methods import dora as dora_method
+
+    calls: list[int] = []
+    real = dora_method.grouped_norms
+
+    def counting(items, scalings):
+        calls.append(len(items))
+        return real(items, scalings)
+
+    def train(model, steps=3):
+        opt = torch.optim.SGD(ak.trainable_parameters(model), lr=0.1)
+        out = []
+        for step in range(steps):
+            ids = input_ids(seed=step)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            out.append([loss.detach()] + [p.grad.clone() for p in ak.trainable_parameters(model)])
+            opt.step()
+            opt.zero_grad()
+        return out
+
+    want = train(_dora_model(0))
+    monkeypatch.setattr(dora_method, "groupable", lambda m, a, b: True)  # on a CPU the numerics stay the reference's
+    monkeypatch.setattr(dora_method, "grouped_norms", counting)
+    idle = _dora_model(1).eval()  # another model's stale layers, not training: left to compute their own
+    with torch.no_grad():
+        idle.model.layers[0].self_attn.q_proj.lora_A["default"].weight.mul_(2.0)
+    model = _dora_model(0)
+    layers = sum(isinstance(m, dora_method.Magnitude) for m in model.modules())
+    calls.clear()
+    got = train(model)
+    assert layers == 8 and calls == [layers, layers]  # steps 2 and 3; step 1 used the norms from attach
+    for step_got, step_want in zip(got, want):
+        for g, w in zip(step_got, step_want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    q = idle.model.layers[0].self_attn.q_proj
+    magnitude = q.lora_magnitude_vector["default"]
+    assert not magnitude._fresh(magnitude._state(q))
+    fresh = dora_method.dora_weight_norm(q.base_layer.weight, q.lora_A["default"].weight, q.lora_B["default"].weight,
+                                         magnitude.record.scaling)
+    torch.testing.assert_close(magnitude.norm(q), fresh, rtol=1e-6, atol=1e-6)
+    assert calls[-1] == layers + 1  # on its own turn, with the training model's layers its last step left stale

@@ -3,6 +3,7 @@
     weight_norm:       n = ‖W_i + s·(B A)_i‖ from ‖W_i‖² (cached), W Aᵀ (cuBLAS) and A Aᵀ      over (out, r) and A
     scale_columns_:    y ← y ⊙ (m / n) + b, in place                               one pass over (N, out)
     scale_grad:        gc = g ⊙ (m / n);  dm = (Σ_N g ⊙ y − b · Σ_N g) / m       one pass over (N, out), then (out,)
+    grouped_norms:     n = ‖M + s·B A‖ for many layers' M at once                    one pass over every M
 
 The plain-PyTorch composition in dora.py computes the same values (it rounds c to the input's dtype before the
 multiply; these keep it in float32). Column sums go through per-block partials summed in a fixed order, so the
@@ -163,3 +164,95 @@ def scale_grad(g: torch.Tensor, y: torch.Tensor | None, magnitude: torch.Tensor,
         BP=max(2, triton.next_power_of_2(n_parts)), BN=GRAD_BN,
     )
     return gc, dm
+
+
+# ------------------------------------------------------------------------------------------- the grouped norm
+GROUP_BM, GROUP_BK = 64, 64
+
+
+@triton.jit
+def _group_norm_kernel(base_ptr, meta_ptr, rank_ptr, scale_ptr, prog_ptr, out_ptr, N_COLS: tl.constexpr,
+                       IEEE: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    # One program: BM rows of one item's M; every item of a launch has N_COLS columns. n_i = ‖M_i + s·(B A)_i‖ summed tile by tile over the columns in float32,
+    # the (BM, BK) tile of B A from one dot of B's rows (BM, r) with A's columns (r, BK): M + s·B A is never stored.
+    item = tl.load(prog_ptr + 2 * tl.program_id(0))
+    row0 = tl.load(prog_ptr + 2 * tl.program_id(0) + 1)
+    # int64 fields: where M, A and B start (in elements from base_ptr, the first item's M), the output offset,
+    # rows, columns, M's two strides
+    meta = meta_ptr + item * 8
+    m_ptr = base_ptr + tl.load(meta)
+    a_ptr = base_ptr + tl.load(meta + 1)
+    b_ptr = base_ptr + tl.load(meta + 2)
+    out_off = tl.load(meta + 3)
+    n_rows = tl.load(meta + 4)
+    stride_row = tl.load(meta + 6)
+    stride_col = tl.load(meta + 7)
+    r = tl.load(rank_ptr + item)
+    s = tl.load(scale_ptr + item)
+    rows = row0 + tl.arange(0, BM)
+    rr = tl.arange(0, BR)
+    rmask = rows < n_rows
+    b = tl.load(b_ptr + rows[:, None] * r + rr[None, :], mask=rmask[:, None] & (rr[None, :] < r),
+                other=0.0).to(tl.float32)
+    acc = tl.zeros((BM,), dtype=tl.float32)
+    row_offs = rows[:, None].to(tl.int64) * stride_row
+    for k0 in range(0, N_COLS, BK):
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < N_COLS
+        w = tl.load(m_ptr + row_offs + cols[None, :].to(tl.int64) * stride_col,
+                    mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # (BM, BK)
+        a = tl.load(a_ptr + rr[:, None] * N_COLS + cols[None, :], mask=(rr[:, None] < r) & cmask[None, :],
+                    other=0.0).to(tl.float32)  # (BR, BK)
+        if IEEE:
+            ba = tl.dot(b, a, input_precision="ieee")  # float32 factors
+        else:
+            ba = tl.dot(b, a, input_precision="tf32")  # bf16 / fp16 values are exact in tf32: exact products
+        v = w + s * ba
+        acc += tl.sum(v * v, axis=1)
+    tl.store(out_ptr + out_off + rows, tl.sqrt(acc), mask=rmask)
+
+
+class _Tables:
+    """The device tables of one set of items (pointers, shapes, ranks, scalings, program map), kept while the items'
+    storages, shapes and scalings are those they were built for: a training loop builds them once."""
+
+    def __init__(self, key: tuple, items, scalings, device) -> None:
+        meta, prog, sizes = [], [], []
+        offset = 0
+        base, size = items[0][0].data_ptr(), items[0][0].element_size()  # every item: one dtype, so whole elements
+        for index, (m, a, b) in enumerate(items):
+            n_rows, n_cols = m.shape
+            starts = [(t.data_ptr() - base) // size for t in (m, a, b)]
+            meta.append([*starts, offset, n_rows, n_cols, m.stride(0), m.stride(1)])
+            self.n_cols = n_cols
+            prog.extend((index, row0) for row0 in range(0, n_rows, GROUP_BM))
+            sizes.append(n_rows)
+            offset += n_rows
+        self.key, self.sizes, self.total, self.programs = key, sizes, offset, len(prog)
+        self.meta = torch.tensor(meta, dtype=torch.int64).to(device)
+        self.ranks = torch.tensor([a.shape[0] for _, a, _ in items], dtype=torch.int32).to(device)
+        self.scales = torch.tensor(scalings, dtype=torch.float32).to(device)
+        self.prog = torch.tensor(prog, dtype=torch.int32).to(device)
+        self.block_r = max(16, triton.next_power_of_2(max(a.shape[0] for _, a, _ in items)))
+
+
+_tables: dict[tuple, _Tables] = {}  # by (device, dtype, columns): the last set of items seen there
+
+
+def grouped_norms(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                  scalings: list[float]) -> list[torch.Tensor]:
+    """n = ‖M + s·B A‖ per row (rows,) float32 for every (M (rows, cols) any strides, A (r, cols) contiguous,
+    B (rows, r) contiguous) item, all with the same number of columns, in one dtype on one device: one launch."""
+    m0 = items[0][0]
+    key = tuple((m.data_ptr(), m.shape, m.stride(), a.data_ptr(), a.shape, b.data_ptr()) for m, a, b in items)
+    key = (key, tuple(scalings))
+    slot = (m0.device, m0.dtype, m0.shape[1])
+    tables = _tables.get(slot)
+    if tables is None or tables.key != key:
+        tables = _tables[slot] = _Tables(key, items, scalings, m0.device)
+    out = torch.empty(tables.total, device=m0.device, dtype=torch.float32)
+    _group_norm_kernel[(tables.programs,)](
+        m0, tables.meta, tables.ranks, tables.scales, tables.prog, out, N_COLS=tables.n_cols,
+        IEEE=m0.dtype is torch.float32, BR=tables.block_r, BM=GROUP_BM, BK=GROUP_BK,
+    )
+    return list(torch.split(out, tables.sizes))

@@ -12,18 +12,26 @@ Forward, with y = the base output without bias and l = s·B(A(x)):
 - embedding:            out = (base(ids) + l) ⊙ m/‖·‖
 
 The row norm never forms M + s·B·A (kernels/dora.py `dora_weight_norm`): a step costs one (rows × cols × r) product
-and an r×r Gram matrix; ‖M_i‖² of the frozen base is computed once and cached. On a float nn.Linear / Conv1D with one
-DoRA adapter active, the forward is one autograd node (kernels/dora.py `dora_linear`) that keeps x, x·Aᵀ and the
+and an r×r Gram matrix; ‖M_i‖² of the frozen base is computed once and cached. On a GPU, the first layer to find
+its norm stale (an optimizer step changed its factors) refreshes every stale DoRA layer of the process on that device
+in one launch (kernels/dora_group.py), so a training step issues one or two norm launches, not two per layer. On a
+float nn.Linear / Conv1D with one DoRA adapter active, the forward is one autograd node (kernels/dora.py `dora_linear`) that keeps x, x·Aᵀ and the
 layer's output (which the next op usually keeps anyway) rather than an (N, out) pre-scale copy.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.dora import cached_weight_sq_norm, dora_weight_norm
+from ..kernels.dora_group import groupable, grouped_norms
+
+# Every live DoRA magnitude: a stale norm refreshes the stale ones among them that share its device in one launch.
+_live: weakref.WeakSet = weakref.WeakSet()
 
 
 
@@ -32,13 +40,15 @@ class Magnitude(nn.Module):
 
     def __init__(self, layer: nn.Module, name: str, record, init: bool, factory: dict) -> None:
         super().__init__()
-        self.__dict__.update(name=name, record=record, training=layer.training, _cache=None)
+        self.__dict__.update(name=name, record=record, training=layer.training, _cache=None,
+                             _layer=weakref.ref(layer))
         rows = layer.embedding_dim if _is_embedding(layer) else layer.out_features
         weight = torch.empty(rows, **factory)
         if init:
             with torch.no_grad():
                 weight.copy_(self.norm(layer))  # m = ‖W + s·B·A‖: DoRA starts as the LoRA it wraps
         self.register_parameter("weight", nn.Parameter(weight))
+        _live.add(self)
 
     def _factors(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) as (r, cols) and (rows, r) of M's row space (see the module docstring)."""
@@ -52,6 +62,17 @@ class Magnitude(nn.Module):
         weight = base.weight if not layer.view.quantized(base) else layer.view.float_weight(base)
         transposed = _is_embedding(layer) or layer.view.fan_in_fan_out
         return weight.detach().T if transposed else weight.detach()
+
+    def _state(self, layer: nn.Module) -> tuple:
+        """(A, B, base weight, its stamp, the factors' stamps): what the cached norm is valid for."""
+        a, b = self._factors(layer)
+        weight = layer.base_layer.weight
+        return a, b, weight, (weight._version, weight.data_ptr()), (a._version, b._version, a.data_ptr(), b.data_ptr())
+
+    def _fresh(self, state: tuple) -> bool:
+        cached = self._cache
+        return (cached is not None and cached[0] is state[0] and cached[1] is state[1] and cached[2] is state[2]
+                and cached[3] == state[3] and cached[4] == state[4])
 
     def norm(self, layer: nn.Module) -> torch.Tensor:
         """‖M + s·B·A‖ per row, float32, detached; cached while A, B and the base weight are unchanged.
@@ -75,12 +96,33 @@ class Magnitude(nn.Module):
         if layer.view.quantized(base):
             stored = layer.view.float_weight(base)  # dequantized each time the factors change
             norm = dora_weight_norm(stored, a, b, self.record.scaling, transposed)
+        elif groupable(self._matrix(layer), a, b):
+            return self._refresh_stale(layer, (a, b, weight, w_stamp, versions))
         else:
             if sq is None:
                 sq = cached_weight_sq_norm(weight, transposed)
             norm = dora_weight_norm(weight, a, b, self.record.scaling, transposed, sq)
         self.__dict__["_cache"] = (a, b, weight, w_stamp, versions, norm, sq)
         return norm
+
+    def _refresh_stale(self, layer: nn.Module, state: tuple) -> torch.Tensor:
+        """This layer's norm, computed in one launch with those of every other stale, used DoRA layer on its device."""
+        device = state[2].device
+        todo = [(self, layer, state)]
+        for other in list(_live):
+            other_layer = other._layer()
+            if (other is self or other._cache is None or other_layer is None or not other.training
+                    or other_layer._modules["lora_magnitude_vector"]._modules.get(other.name) is not other
+                    or other_layer.view.quantized(other_layer.base_layer)):
+                continue
+            other_state = other._state(other_layer)
+            if other_state[2].device == device and not other._fresh(other_state):
+                todo.append((other, other_layer, other_state))
+        items = [(mag._matrix(lay), st[0].detach(), st[1].detach()) for mag, lay, st in todo]
+        norms = grouped_norms(items, [mag.record.scaling for mag, _, _ in todo])
+        for (mag, _, st), norm in zip(todo, norms):
+            mag.__dict__["_cache"] = (*st, norm, mag._cache[6] if mag._cache is not None else None)
+        return norms[0]
 
     def apply(self, layer: nn.Module, h: torch.Tensor, out: torch.Tensor, dropped: bool) -> torch.Tensor:
         """The layer's output with this DoRA adapter applied. h: the adapter's input (dropped out if `dropped`)."""
