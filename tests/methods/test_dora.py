@@ -238,3 +238,32 @@ def test_a_stale_norm_refreshes_every_stale_dora_layer_at_once(monkeypatch) -> N
                                          magnitude.record.scaling)
     torch.testing.assert_close(magnitude.norm(q), fresh, rtol=1e-6, atol=1e-6)
     assert calls[-1] == layers + 1  # on its own turn, with the training model's layers its last step left stale
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-launch norm runs on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_norms_on_cuda_train_like_per_layer_norms(monkeypatch, dtype) -> None:
+    from adapterkit.methods import dora as dora_method
+
+    def run(grouped: bool):
+        if not grouped:
+            monkeypatch.setattr(dora_method, "groupable", lambda m, a, b: False)
+        model = _dora_model(0).to("cuda", dtype)
+        opt = torch.optim.SGD(ak.trainable_parameters(model), lr=0.1)
+        losses = []
+        for step in range(3):
+            ids = input_ids(seed=step).cuda()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach().float())
+        monkeypatch.undo()
+        return torch.stack(losses), [p.detach().float() for p in ak.trainable_parameters(model)]
+
+    (loss_g, params_g), (loss_l, params_l) = run(True), run(False)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(loss_g, loss_l, rtol=tol, atol=tol)
+    for g, l in zip(params_g, params_l):
+        torch.testing.assert_close(g, l, rtol=tol, atol=tol)
