@@ -33,3 +33,25 @@ def test_factors_that_do_not_fit_are_refused_with_their_shapes():
         dora_group.grouped_norms([(m, a[:, :19], b)], [1.0])
     with pytest.raises(ValueError, match="2 items but 1 scalings"):
         dora_group.grouped_norms([(m, a, b), (m, a, b)], [1.0])
+
+
+def test_a_kernel_that_fails_here_falls_back_with_a_warning(monkeypatch):
+    """A Triton build or GPU the kernel does not compile for: one warning, the per-layer values, no more tries."""
+    calls = []
+
+    class Broken:
+        @staticmethod
+        def grouped_norms(items, scalings):
+            calls.append(len(items))
+            raise RuntimeError("no kernel for this architecture")
+
+    monkeypatch.setattr(dora_group, "_failed", [])
+    monkeypatch.setattr(dora_group, "_use_triton", lambda t: True)
+    monkeypatch.setattr(dora_group, "_triton", lambda: Broken)
+    items = [_item(12, 20, 4, 0), _item(9, 20, 2, 1)]
+    assert dora_group.groupable(*items[0])
+    with pytest.warns(RuntimeWarning, match="no kernel for this architecture.*one by one"):
+        got = dora_group.grouped_norms(items, [0.5, 1.0])
+    for (m, a, b), s, n in zip(items, [0.5, 1.0], got):
+        torch.testing.assert_close(n, dora_mod.dora_weight_norm(m, a, b, s), rtol=0, atol=0)
+    assert calls == [2] and not dora_group.groupable(*items[0])

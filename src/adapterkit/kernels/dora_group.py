@@ -9,18 +9,21 @@ else it runs `dora_weight_norm` per layer, which is also the reference the kerne
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .dora import _TRITON_DTYPES, _triton, _use_triton, dora_weight_norm
 
 MAX_GROUPED_RANK = 128  # the kernel keeps B's rows for a block of M in registers: (64, r)
+_failed: list[str] = []  # why the one-launch kernel could not run here (then every item goes one by one)
 
 Item = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # M (rows, cols), A (r, cols), B (rows, r)
 
 
 def groupable(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether (M, A, B) can go through the one-launch kernel: CUDA, one float dtype, contiguous factors."""
-    return (m.dtype in _TRITON_DTYPES and a.dtype is m.dtype and b.dtype is m.dtype and m.dim() == 2
+    return (not _failed and m.dtype in _TRITON_DTYPES and a.dtype is m.dtype and b.dtype is m.dtype and m.dim() == 2
             and a.is_contiguous() and b.is_contiguous() and a.shape[0] <= MAX_GROUPED_RANK and _use_triton(m)
             and a.device == m.device and b.device == m.device)
 
@@ -45,7 +48,13 @@ def grouped_norms(items: list[Item], scalings: list[float]) -> list[torch.Tensor
             else:
                 out[index] = dora_weight_norm(m, a, b, scalings[index])
         for indices in groups.values():
-            norms = _triton().grouped_norms([items[i] for i in indices], [float(scalings[i]) for i in indices])
+            try:
+                norms = _triton().grouped_norms([items[i] for i in indices], [float(scalings[i]) for i in indices])
+            except Exception as exc:  # a GPU or Triton build the kernel does not compile for: the per-layer path
+                _failed.append(f"{type(exc).__name__}: {exc}")
+                warnings.warn(f"adapterkit: the one-launch DoRA norm failed here ({_failed[-1][:200]}); DoRA layers "
+                              "compute their norms one by one from now on", RuntimeWarning, stacklevel=2)
+                norms = [dora_weight_norm(items[i][0], items[i][1], items[i][2], scalings[i]) for i in indices]
             for i, norm in zip(indices, norms):
                 out[i] = norm
     return out
