@@ -21,11 +21,16 @@ _failed: list[str] = []  # why the one-launch kernel could not run here (then ev
 Item = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # M (rows, cols), A (r, cols), B (rows, r)
 
 
-def groupable(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether (M, A, B) can go through the one-launch kernel: CUDA, one float dtype, contiguous factors."""
-    return (not _failed and m.dtype in _TRITON_DTYPES and a.dtype is m.dtype and b.dtype is m.dtype and m.dim() == 2
-            and a.is_contiguous() and b.is_contiguous() and a.shape[0] <= MAX_GROUPED_RANK and _use_triton(m)
+def _fits(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The kernel's demands on one item: one float dtype, one device, contiguous factors, a rank it holds."""
+    return (m.dtype in _TRITON_DTYPES and a.dtype is m.dtype and b.dtype is m.dtype and m.dim() == 2
+            and a.is_contiguous() and b.is_contiguous() and a.shape[0] <= MAX_GROUPED_RANK
             and a.device == m.device and b.device == m.device)
+
+
+def groupable(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether (M, A, B) can go through the one-launch kernel here: Triton on M's device (CUDA) and `_fits`."""
+    return not _failed and _use_triton(m) and _fits(m, a, b)
 
 
 def grouped_norms(items: list[Item], scalings: list[float]) -> list[torch.Tensor]:
@@ -37,13 +42,17 @@ def grouped_norms(items: list[Item], scalings: list[float]) -> list[torch.Tensor
         raise ValueError(f"{len(items)} items but {len(scalings)} scalings")
     out: list[torch.Tensor | None] = [None] * len(items)
     groups: dict[tuple, list[int]] = {}
+    triton_devices: dict[torch.device, bool] = {}  # whether the kernel may run there: asked once per device
     with torch.no_grad():
         for index, (m, a, b) in enumerate(items):
             if m.shape[1] != a.shape[1] or b.shape[0] != m.shape[0] or a.shape[0] != b.shape[1]:
                 raise ValueError(
                     f"DoRA factors do not fit the weight: M {tuple(m.shape)}, A {tuple(a.shape)}, B {tuple(b.shape)}"
                 )
-            if groupable(m, a, b):
+            device = m.device
+            if device not in triton_devices:
+                triton_devices[device] = not _failed and _use_triton(m)
+            if triton_devices[device] and _fits(m, a, b):
                 groups.setdefault((m.device, m.dtype, m.shape[1]), []).append(index)
             else:
                 out[index] = dora_weight_norm(m, a, b, scalings[index])

@@ -54,7 +54,9 @@ class Magnitude(nn.Module):
         """(A, B) as (r, cols) and (rows, r) of M's row space (see the module docstring)."""
         if _is_embedding(layer):
             return layer.factors(self.name)  # A (r, num), B (dim, r)
-        return layer.lora_A[self.name].weight, layer.lora_B[self.name].weight  # A (r, in), B (out, r)
+        mods = layer._modules  # plain dict reads: this runs per layer and step
+        return (mods["lora_A"]._modules[self.name]._parameters["weight"],  # A (r, in)
+                mods["lora_B"]._modules[self.name]._parameters["weight"])  # B (out, r)
 
     def _matrix(self, layer: nn.Module) -> torch.Tensor:
         """M in the base's stored dtype (dequantized if packed): the matrix whose rows DoRA normalises."""
@@ -66,7 +68,10 @@ class Magnitude(nn.Module):
     def _state(self, layer: nn.Module) -> tuple:
         """(A, B, base weight, its stamp, the factors' stamps): what the cached norm is valid for."""
         a, b = self._factors(layer)
-        weight = layer.base_layer.weight
+        base = layer._modules["base_layer"]
+        weight = base._parameters.get("weight")
+        if weight is None:
+            weight = base.weight
         return a, b, weight, (weight._version, weight.data_ptr()), (a._version, b._version, a.data_ptr(), b.data_ptr())
 
     def _fresh(self, state: tuple) -> bool:
@@ -77,32 +82,28 @@ class Magnitude(nn.Module):
     def norm(self, layer: nn.Module) -> torch.Tensor:
         """‖M + s·B·A‖ per row, float32, detached; cached while A, B and the base weight are unchanged.
 
-        Training changes A and B every step, so this runs per layer and step: the check is a few attribute reads, and
-        ‖M‖² of a frozen float base is kept beside the norm (one global-cache lookup when the base weight changes).
+        Training changes A and B every step, so this runs per layer and step: the check is a few dict and attribute
+        reads, and ‖M‖² of a frozen float base is kept beside the norm (one global-cache lookup when the base weight
+        changes). On a GPU a miss refreshes every stale layer at once (`_refresh_stale`).
         """
-        a, b = self._factors(layer)
-        weight = layer.base_layer.weight
-        w_stamp = (weight._version, weight.data_ptr())
-        versions = (a._version, b._version, a.data_ptr(), b.data_ptr())
+        state = self._state(layer)
         cached = self._cache
-        if cached is not None and cached[2] is weight and cached[3] == w_stamp:
-            if cached[0] is a and cached[1] is b and cached[4] == versions:
-                return cached[5]
-            sq = cached[6]
-        else:
-            sq = None
+        if self._fresh(state):
+            return cached[5]
+        a, b, weight = state[:3]
+        sq = cached[6] if cached is not None and cached[2] is weight and cached[3] == state[3] else None
         base = layer.base_layer
         transposed = _is_embedding(layer) or layer.view.fan_in_fan_out  # M = stored weightᵀ
         if layer.view.quantized(base):
             stored = layer.view.float_weight(base)  # dequantized each time the factors change
             norm = dora_weight_norm(stored, a, b, self.record.scaling, transposed)
         elif groupable(self._matrix(layer), a, b):
-            return self._refresh_stale(layer, (a, b, weight, w_stamp, versions))
+            return self._refresh_stale(layer, state)
         else:
             if sq is None:
                 sq = cached_weight_sq_norm(weight, transposed)
             norm = dora_weight_norm(weight, a, b, self.record.scaling, transposed, sq)
-        self.__dict__["_cache"] = (a, b, weight, w_stamp, versions, norm, sq)
+        self.__dict__["_cache"] = (*state, norm, sq)
         return norm
 
     def _refresh_stale(self, layer: nn.Module, state: tuple) -> torch.Tensor:
@@ -110,13 +111,15 @@ class Magnitude(nn.Module):
         device = state[2].device
         todo = [(self, layer, state)]
         for other in list(_live):
+            if other is self or other._cache is None or not other.training:
+                continue
             other_layer = other._layer()
-            if (other is self or other._cache is None or other_layer is None or not other.training
+            if (other_layer is None
                     or other_layer._modules["lora_magnitude_vector"]._modules.get(other.name) is not other
-                    or other_layer.view.quantized(other_layer.base_layer)):
+                    or other_layer.view.quantized(other_layer._modules["base_layer"])):
                 continue
             other_state = other._state(other_layer)
-            if other_state[2].device == device and not other._fresh(other_state):
+            if not other._fresh(other_state) and other_state[2].device == device:
                 todo.append((other, other_layer, other_state))
         items = [(mag._matrix(lay), st[0].detach(), st[1].detach()) for mag, lay, st in todo]
         norms = grouped_norms(items, [mag.record.scaling for mag, _, _ in todo])
