@@ -267,3 +267,31 @@ def test_grouped_norms_on_cuda_train_like_per_layer_norms(monkeypatch, dtype) ->
     torch.testing.assert_close(loss_g, loss_l, rtol=tol, atol=tol)
     for g, l in zip(params_g, params_l):
         torch.testing.assert_close(g, l, rtol=tol, atol=tol)
+
+
+def test_a_pickled_or_copied_dora_model_works_and_rejoins_the_refresh(monkeypatch) -> None:
+    """Whole-model torch.save / deepcopy keep working; the copy's layers join the one-call refresh on their next miss."""
+    import copy
+    import io
+
+    from adapterkit.methods import dora as dora_method
+
+    model = _dora_model(0).eval()
+    want = logits(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    torch.testing.assert_close(logits(loaded), want, rtol=0, atol=0)
+    twin = copy.deepcopy(model).train()
+    monkeypatch.setattr(dora_method, "groupable", lambda m, a, b: True)
+    q = twin.model.layers[0].self_attn.q_proj
+    magnitude = q.lora_magnitude_vector["default"]
+    assert magnitude._layer() is None
+    with torch.no_grad():
+        for p in ak.trainable_parameters(twin):
+            p.mul_(1.5)
+    twin(input_ids=input_ids())
+    assert magnitude._layer() is q and magnitude in dora_method._live
+    fresh = dora_method.dora_weight_norm(q.base_layer.weight, q.lora_A["default"].weight, q.lora_B["default"].weight,
+                                         magnitude.record.scaling)
+    torch.testing.assert_close(magnitude.norm(q), fresh, rtol=1e-6, atol=1e-6)

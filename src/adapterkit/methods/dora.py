@@ -50,6 +50,15 @@ class Magnitude(nn.Module):
         self.register_parameter("weight", nn.Parameter(weight))
         _live.add(self)
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_layer", None)  # a weak reference does not pickle; the layer is found again on the next miss
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__["_layer"] = _no_layer
+
     def _factors(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) as (r, cols) and (rows, r) of M's row space (see the module docstring)."""
         if _is_embedding(layer):
@@ -90,6 +99,9 @@ class Magnitude(nn.Module):
         cached = self._cache
         if self._fresh(state):
             return cached[5]
+        if self._layer() is not layer:  # unpickled or copied: join the live set with the layer that holds it now
+            self.__dict__["_layer"] = weakref.ref(layer)
+            _live.add(self)
         a, b, weight = state[:3]
         sq = cached[6] if cached is not None and cached[2] is weight and cached[3] == state[3] else None
         base = layer.base_layer
@@ -156,6 +168,10 @@ class Magnitude(nn.Module):
         if _is_embedding(layer) or layer.view.fan_in_fan_out:
             return (weight + delta.T) * factor[None, :]  # stored (cols, rows): factor scales columns
         return (weight + delta) * factor[:, None]
+
+
+def _no_layer() -> None:
+    return None
 
 
 def _is_embedding(layer: nn.Module) -> bool:
