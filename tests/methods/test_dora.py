@@ -5,6 +5,8 @@ Every case perturbs the magnitude vectors after init, so m ≠ ‖W + sBA‖ and
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -220,6 +222,7 @@ def test_a_stale_norm_refreshes_every_stale_dora_layer_at_once(monkeypatch) -> N
     want = train(_dora_model(0))
     monkeypatch.setattr(dora_method, "groupable", lambda m, a, b: True)  # on a CPU the numerics stay the reference's
     monkeypatch.setattr(dora_method, "grouped_norms", counting)
+    monkeypatch.setattr(dora_method, "_live", weakref.WeakSet())  # only this test's layers: others' may linger
     idle = _dora_model(1).eval()  # another model's stale layers, not training: left to compute their own
     with torch.no_grad():
         idle.model.layers[0].self_attn.q_proj.lora_A["default"].weight.mul_(2.0)
@@ -284,6 +287,7 @@ def test_a_pickled_or_copied_dora_model_works_and_rejoins_the_refresh(monkeypatc
     torch.testing.assert_close(logits(loaded), want, rtol=0, atol=0)
     twin = copy.deepcopy(model).train()
     monkeypatch.setattr(dora_method, "groupable", lambda m, a, b: True)
+    monkeypatch.setattr(dora_method, "_live", weakref.WeakSet())
     q = twin.model.layers[0].self_attn.q_proj
     magnitude = q.lora_magnitude_vector["default"]
     assert magnitude._layer() is None
