@@ -1,15 +1,23 @@
-"""Host cost per call on CUDA: the microseconds the CPU spends issuing each piece of an adapted layer.
+"""Host cost per call: the microseconds the CPU spends issuing each piece of an adapted layer.
 
 Steps that are close to CPU-bound (DoRA, a 4-bit base, eager decode) are decided by this, not by GPU time. Tensors
 are tiny (the GPU finishes each kernel before the host issues the next), and each figure is the mean over many calls
-with one synchronisation at the end. Rows: single ops (a torch op, a Triton launch), then whole layers: the frozen
-base, LoRA, DoRA and a 4-bit base with and without LoRA, under no_grad (decode) and forward + backward (training).
+with one synchronisation at the end. Rows: single ops (a torch op, a Triton launch), then layers: the frozen base,
+LoRA, DoRA and a 4-bit base with and without LoRA, under no_grad (decode) and forward + backward (training).
 
-    PYTHONPATH=src python3 bench/host_cost.py
+Training rows come twice. "one layer" is a forward + backward of a single layer, so it includes what every backward
+call costs once (the autograd engine's start, on CUDA a hand-off to its device thread). "per layer in a stack" is
+the difference between a stack of STACK layers and a single one, divided by STACK - 1: what each further layer adds,
+which is what a model's step pays per adapted linear. In the stack, "norm recomputed" changes every DoRA layer's A
+before each call (one foreach op), as an optimizer step does.
+
+    PYTHONPATH=src python3 bench/host_cost.py            # CUDA (the numbers that matter)
+    PYTHONPATH=src python3 bench/host_cost.py --cpu      # the CPU paths: Python and dispatcher cost only
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -22,81 +30,105 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import adapterkit as ak  # noqa: E402
 
-WIDTH, ROWS, RANK = 256, 8, 16
+WIDTH, ROWS, RANK, STACK = 256, 8, 16, 8
+KINDS = ("base", "lora", "dora", "nf4", "nf4-lora")
 
 
-def per_call_us(fn, calls: int = 2000) -> float:
-    for _ in range(50):
+def per_call_us(fn, calls: int) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(max(5, calls // 20)):
         fn()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def layer(kind: str) -> nn.Module:
-    """One bf16 linear layer of WIDTH on CUDA: "base", "lora", "dora", "nf4" or "nf4-lora"."""
+def layers(kind: str, depth: int, device: str, dtype: torch.dtype) -> nn.Module:
+    """`depth` linear layers of WIDTH: "base", "lora", "dora", "nf4" or "nf4-lora" (4-bit: CUDA only)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(WIDTH, WIDTH, bias=False)).to("cuda", torch.bfloat16)
+    model = nn.Sequential(*(nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(depth))).to(device, dtype)
     model.requires_grad_(False)
     if kind.startswith("nf4"):
-        ak.quantize_model(model, "nf4", compute_dtype=torch.bfloat16)
+        ak.quantize_model(model, "nf4", compute_dtype=dtype)
     if kind in ("lora", "dora", "nf4-lora"):
-        ak.attach(model, ak.LoraConfig(r=RANK, target_modules=["0"], use_dora=kind == "dora",
-                                       init_lora_weights=False), name="a")
+        ak.attach(model, ak.LoraConfig(r=RANK, target_modules=[str(i) for i in range(depth)],
+                                       use_dora=kind == "dora", init_lora_weights=False), name="a")
     return model
 
 
-def main() -> None:
-    if not torch.cuda.is_available():
-        raise SystemExit("host_cost.py measures CUDA launches: run it on a GPU machine")
-    dev, dt = "cuda", torch.bfloat16
-    x = torch.randn(ROWS, WIDTH, device=dev, dtype=dt)
-    w = torch.randn(WIDTH, WIDTH, device=dev, dtype=dt)
-    rows: list[tuple[str, float]] = []
-    with torch.no_grad():
-        rows.append(("torch op: x.mul_(2)", per_call_us(lambda: x.mul_(1.0))))
-        rows.append(("torch op: F.linear(x, W)", per_call_us(lambda: F.linear(x, w))))
-        rows.append(("torch op: torch.empty", per_call_us(lambda: torch.empty(ROWS, WIDTH, device=dev, dtype=dt))))
-        try:
-            from adapterkit.kernels import _triton_dora as td
-
-            m = torch.ones(WIDTH, device=dev, dtype=dt)
-            n = torch.ones(WIDTH, device=dev, dtype=torch.float32)
-            rows.append(("Triton launch: DoRA scale_columns_", per_call_us(lambda: td.scale_columns_(x, m, n, None))))
-        except Exception as exc:  # report and go on: the layer rows still mean something
-            rows.append((f"Triton launch: unavailable ({type(exc).__name__})", float("nan")))
-    for kind in ("base", "lora", "dora", "nf4", "nf4-lora"):
-        try:
-            model = layer(kind)
-        except Exception as exc:
-            rows.append((f"{kind}: {type(exc).__name__}: {str(exc)[:80]}", float("nan")))
-            continue
-        model.eval()
-        with torch.no_grad():
-            rows.append((f"layer no_grad: {kind}", per_call_us(lambda: model(x))))
-        model.train()
+def training_rows(kind: str, x: torch.Tensor, calls: int) -> list[tuple[str, float]]:
+    rows = []
+    times: dict[tuple[int, bool], float] = {}
+    for depth in (1, STACK):
+        model = layers(kind, depth, x.device.type, x.dtype).train()
         xg = x.clone().requires_grad_(True)
+        factors = [m.lora_A["a"].weight for m in model] if kind == "dora" else []
 
         def fwd_bwd():
             model(xg).sum().backward()
 
-        rows.append((f"layer forward + backward: {kind}", per_call_us(fwd_bwd, 1000)))
-        if kind == "dora":  # as in training, where each optimizer step changes A and so the weight norm
-            lora_a = model[0].lora_A["a"].weight
+        def fwd_bwd_new_norm():
+            with torch.no_grad():
+                torch._foreach_mul_(factors, 1.0)  # a new version of every A: each norm is stale, as after a step
+            model(xg).sum().backward()
 
-            def fwd_bwd_new_norm():
-                with torch.no_grad():
-                    lora_a.mul_(1.0)  # a new version of A: the norm is recomputed (costs one torch op)
-                model(xg).sum().backward()
+        times[depth, False] = per_call_us(fwd_bwd, calls)
+        if factors:
+            times[depth, True] = per_call_us(fwd_bwd_new_norm, calls)
+    for new_norm in (False, True):
+        if (1, new_norm) not in times:
+            continue
+        label = f"{kind}, norm recomputed" if new_norm else kind
+        one, stack = times[1, new_norm], times[STACK, new_norm]
+        rows.append((f"fwd+bwd, one layer: {label}", one))
+        rows.append((f"fwd+bwd, per layer in a stack: {label}", (stack - one) / (STACK - 1)))
+    return rows
 
-            rows.append(("layer forward + backward: dora, norm recomputed", per_call_us(fwd_bwd_new_norm, 1000)))
-    print(f"# host cost per call, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"bf16, {ROWS}x{WIDTH}, r={RANK}")
+
+def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="time the CPU paths (no CUDA, no Triton, no 4-bit rows)")
+    ap.add_argument("--calls", type=int, default=1000, help="calls per figure")
+    args = ap.parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        raise SystemExit("host_cost.py measures CUDA launches: run it on a GPU machine, or pass --cpu")
+    dev, dt = ("cpu", torch.float32) if args.cpu else ("cuda", torch.bfloat16)
+    x = torch.randn(ROWS, WIDTH, device=dev, dtype=dt)
+    w = torch.randn(WIDTH, WIDTH, device=dev, dtype=dt)
+    rows: list[tuple[str, float]] = []
+    with torch.no_grad():
+        rows.append(("torch op: x.mul_(1)", per_call_us(lambda: x.mul_(1.0), 2 * args.calls)))
+        rows.append(("torch op: F.linear(x, W)", per_call_us(lambda: F.linear(x, w), 2 * args.calls)))
+        rows.append(("torch op: torch.empty",
+                     per_call_us(lambda: torch.empty(ROWS, WIDTH, device=dev, dtype=dt), 2 * args.calls)))
+        if not args.cpu:
+            try:
+                from adapterkit.kernels import _triton_dora as td
+
+                m = torch.ones(WIDTH, device=dev, dtype=dt)
+                n = torch.ones(WIDTH, device=dev, dtype=torch.float32)
+                rows.append(("Triton launch: DoRA scale_columns_",
+                             per_call_us(lambda: td.scale_columns_(x, m, n, None), 2 * args.calls)))
+            except Exception as exc:  # report and go on: the layer rows still mean something
+                rows.append((f"Triton launch: unavailable ({type(exc).__name__})", float("nan")))
+    for kind in KINDS if not args.cpu else ("base", "lora", "dora"):
+        try:
+            model = layers(kind, 1, dev, dt).eval()
+        except Exception as exc:
+            rows.append((f"{kind}: {type(exc).__name__}: {str(exc)[:80]}", float("nan")))
+            continue
+        with torch.no_grad():
+            rows.append((f"no_grad, one layer: {kind}", per_call_us(lambda: model(x), args.calls)))
+        rows.extend(training_rows(kind, x, args.calls))  # the frozen base too: its input needs grad
+    name = "CPU" if args.cpu else torch.cuda.get_device_name()
+    print(f"# host cost per call, {name}, torch {torch.__version__}, {str(dt)[6:]}, {ROWS}x{WIDTH}, r={RANK}, "
+          f"stack of {STACK}")
     for label, us in rows:
-        print(f"  {label:<44} {us:8.1f} us")
+        print(f"  {label:<52} {us:8.1f} us")
+    return rows
 
 
 if __name__ == "__main__":
