@@ -55,3 +55,16 @@ def test_a_kernel_that_fails_here_falls_back_with_a_warning(monkeypatch):
     for (m, a, b), s, n in zip(items, [0.5, 1.0], got):
         torch.testing.assert_close(n, dora_mod.dora_weight_norm(m, a, b, s), rtol=0, atol=0)
     assert calls == [2] and not dora_group.groupable(*items[0])
+
+
+def test_tensor_subclasses_are_not_grouped(monkeypatch):
+    """A sharded parameter (FSDP2's DTensor) has no single storage to point the kernel at: it goes one by one."""
+
+    class Sharded(torch.Tensor):
+        pass
+
+    monkeypatch.setattr(dora_group, "_use_triton", lambda t: True)
+    m, a, b = _item(12, 20, 4, 0)
+    assert dora_group.groupable(m, torch.nn.Parameter(a), b)
+    assert not dora_group.groupable(m.as_subclass(Sharded), a, b)
+    assert not dora_group.groupable(m, a.as_subclass(Sharded), b)

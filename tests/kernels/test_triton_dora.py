@@ -6,6 +6,7 @@ Runs on CUDA; on a CPU only under Triton's interpreter (`TRITON_INTERPRET=1` wit
 from __future__ import annotations
 
 import os
+import weakref
 
 import pytest
 import torch
@@ -130,3 +131,44 @@ def test_grouped_norms_match_torch_for_every_item(dtype):
                                rtol=tol, atol=tol)
     assert not torch.allclose(again[1], got[1])
     torch.testing.assert_close(again[0], got[0], rtol=0, atol=0)
+
+
+def test_dora_training_with_the_one_launch_norms_matches_per_layer_norms(monkeypatch):
+    """A DoRA Llama trained 3 SGD steps with the real one-launch kernel computing every stale norm (on a CPU: under
+    the interpreter, the rest of the step on the CPU paths) against per-layer norms: losses and weights."""
+    import adapterkit as ak
+    from adapterkit.kernels import dora_group
+    from adapterkit.methods import dora as dora_method
+    from helpers import build, input_ids
+
+    def run(grouped: bool):
+        if grouped and DEVICE == "cpu":
+            monkeypatch.setattr(dora_group, "_use_triton", lambda t: True)  # the kernel, not the rest of the step
+        if not grouped:
+            monkeypatch.setattr(dora_method, "groupable", lambda m, a, b: False)
+        monkeypatch.setattr(dora_method, "_live", weakref.WeakSet())  # this model's layers only
+        calls = []
+        real = dora_group.grouped_norms
+        monkeypatch.setattr(dora_method, "grouped_norms", lambda items, s: calls.append(len(items)) or real(items, s))
+        torch.manual_seed(0)
+        model = ak.attach(build("llama"), ak.LoraConfig(r=4, use_dora=True, init_lora_weights=False,
+                                                        target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
+        model.to(DEVICE).train()
+        opt = torch.optim.SGD(ak.trainable_parameters(model), lr=0.1)
+        losses = []
+        for step in range(3):
+            ids = input_ids(seed=step).to(DEVICE)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        monkeypatch.undo()
+        return torch.stack(losses), [p.detach().clone() for p in ak.trainable_parameters(model)], calls
+
+    loss_g, params_g, calls = run(True)
+    loss_l, params_l, _ = run(False)
+    assert calls[-2:] == [8, 8]
+    torch.testing.assert_close(loss_g, loss_l, rtol=1e-5, atol=1e-5)
+    for g, l in zip(params_g, params_l):
+        torch.testing.assert_close(g, l, rtol=1e-5, atol=1e-5)
