@@ -128,6 +128,23 @@ def perturb(params, scale: float = 0.05, seed: int = 123) -> None:
         p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * scale)
 
 
+def sgd_steps(model: nn.Module, steps: int = 3, lr: float = 0.1, device: str = "cpu") -> list[list[torch.Tensor]]:
+    """`steps` SGD steps, step i on `input_ids(seed=i)`; per step, detached copies of [loss, each trainable
+    parameter's gradient]. The model stays in train mode."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr)
+    model.train()
+    out = []
+    for step in range(steps):
+        ids = input_ids(seed=step).to(device)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        out.append([loss.detach().clone()] + [p.grad.detach().clone() for p in params])
+        opt.step()
+        opt.zero_grad()
+    return out
+
+
 def train_with(model: nn.Module, after_step=None, steps: int = 12, lr: float = 1e-2, length: int = 10) -> list[float]:
     """`steps` AdamW steps on a fixed batch of 4 x `length` tokens, calling `after_step(step)` after each optimizer
     step (an AdaLoRA allocator's) when given; returns the losses and leaves the model in eval mode."""

@@ -139,7 +139,7 @@ def test_dora_training_with_the_one_launch_norms_matches_per_layer_norms(monkeyp
     import adapterkit as ak
     from adapterkit.kernels import dora_group
     from adapterkit.methods import dora as dora_method
-    from helpers import build, input_ids
+    from helpers import build, sgd_steps
 
     def run(grouped: bool):
         if grouped and DEVICE == "cpu":
@@ -153,16 +153,7 @@ def test_dora_training_with_the_one_launch_norms_matches_per_layer_norms(monkeyp
         torch.manual_seed(0)
         model = ak.attach(build("llama"), ak.LoraConfig(r=4, use_dora=True, init_lora_weights=False,
                                                         target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
-        model.to(DEVICE).train()
-        opt = torch.optim.SGD(ak.trainable_parameters(model), lr=0.1)
-        losses = []
-        for step in range(3):
-            ids = input_ids(seed=step).to(DEVICE)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.detach())
+        losses = [step[0] for step in sgd_steps(model.to(DEVICE), device=DEVICE)]
         monkeypatch.undo()
         return torch.stack(losses), [p.detach().clone() for p in ak.trainable_parameters(model)], calls
 

@@ -12,7 +12,7 @@ import torch
 
 import adapterkit as ak
 from adapterkit.state import adapter_state
-from helpers import assert_state_equal, assert_unchanged, build, input_ids, logits, perturb, snapshot
+from helpers import assert_state_equal, assert_unchanged, build, input_ids, logits, perturb, sgd_steps, snapshot
 
 peft = pytest.importorskip("peft")
 
@@ -207,19 +207,7 @@ def test_a_stale_norm_refreshes_every_stale_dora_layer_at_once(monkeypatch) -> N
         calls.append(len(items))
         return real(items, scalings)
 
-    def train(model, steps=3):
-        opt = torch.optim.SGD(ak.trainable_parameters(model), lr=0.1)
-        out = []
-        for step in range(steps):
-            ids = input_ids(seed=step)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            out.append([loss.detach()] + [p.grad.clone() for p in ak.trainable_parameters(model)])
-            opt.step()
-            opt.zero_grad()
-        return out
-
-    want = train(_dora_model(0))
+    want = sgd_steps(_dora_model(0))
     monkeypatch.setattr(dora_method, "groupable", lambda m, a, b: True)  # on a CPU the numerics stay the reference's
     monkeypatch.setattr(dora_method, "grouped_norms", counting)
     monkeypatch.setattr(dora_method, "_live", weakref.WeakSet())  # only this test's layers: others' may linger
@@ -229,7 +217,7 @@ def test_a_stale_norm_refreshes_every_stale_dora_layer_at_once(monkeypatch) -> N
     model = _dora_model(0)
     layers = sum(isinstance(m, dora_method.Magnitude) for m in model.modules())
     calls.clear()
-    got = train(model)
+    got = sgd_steps(model)
     assert layers == 8 and calls == [layers, layers]  # steps 2 and 3; step 1 used the norms from attach
     for step_got, step_want in zip(got, want):
         for g, w in zip(step_got, step_want):
@@ -253,17 +241,9 @@ def test_grouped_norms_on_cuda_train_like_per_layer_norms(monkeypatch, dtype) ->
         if not grouped:
             monkeypatch.setattr(dora_method, "groupable", lambda m, a, b: False)
         model = _dora_model(0).to("cuda", dtype)
-        opt = torch.optim.SGD(ak.trainable_parameters(model), lr=0.1)
-        losses = []
-        for step in range(3):
-            ids = input_ids(seed=step).cuda()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.detach().float())
+        losses = torch.stack([step[0].float() for step in sgd_steps(model, device="cuda")])
         monkeypatch.undo()
-        return torch.stack(losses), [p.detach().float() for p in ak.trainable_parameters(model)]
+        return losses, [p.detach().float() for p in ak.trainable_parameters(model)]
 
     (loss_g, params_g), (loss_l, params_l) = run(True), run(False)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
