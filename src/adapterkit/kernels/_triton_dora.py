@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .optional_triton import on_input_device
+
 NORM_BM, NORM_BK = 64, 128
 SCALE_BM, SCALE_BN = 32, 128
 GRAD_BM, GRAD_BN, GRAD_ROWS = 32, 128, 128  # each program of scale_grad reduces GRAD_ROWS (or more) rows of BN columns
@@ -108,6 +110,7 @@ def _rows_per_program(n_rows: int) -> int:
     return max(GRAD_ROWS, triton.next_power_of_2(triton.cdiv(n_rows, MAX_PARTS)))
 
 
+@on_input_device
 def weight_norm(sq: torch.Tensor, wa: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 scaling: float) -> torch.Tensor:
     """n = ‖W_lin + s·B A‖ per output row (out,) float32, from ‖W_i‖² (out,) float32, W_lin Aᵀ (out, r) in any
@@ -123,6 +126,7 @@ def weight_norm(sq: torch.Tensor, wa: torch.Tensor, lora_a: torch.Tensor, lora_b
     return n
 
 
+@on_input_device
 def scale_columns_(y: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """y (N, out), contiguous, ← y ⊙ (m / n) + bias, in place; returns y. magnitude, norm, bias: (out,)."""
@@ -138,6 +142,7 @@ def scale_columns_(y: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor,
     return y
 
 
+@on_input_device
 def scale_grad(g: torch.Tensor, y: torch.Tensor | None, magnitude: torch.Tensor, norm: torch.Tensor,
                bias: torch.Tensor | None, m_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """gc = g ⊙ (m / n) (N, out) and, when the output y (N, out) is given, dm = (Σ g ⊙ y − b · Σ g) / m (out,)."""
@@ -250,9 +255,14 @@ def grouped_norms(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     tables = _tables.get(slot)
     if tables is None or tables.key != key:
         tables = _tables[slot] = _Tables(key, items, scalings, m0.device)
+    return list(torch.split(_launch_group(m0, tables), tables.sizes))
+
+
+@on_input_device
+def _launch_group(m0: torch.Tensor, tables: _Tables) -> torch.Tensor:
     out = torch.empty(tables.total, device=m0.device, dtype=torch.float32)
     _group_norm_kernel[(tables.programs,)](
         m0, tables.meta, tables.ranks, tables.scales, tables.prog, out, N_COLS=tables.n_cols,
         IEEE=m0.dtype is torch.float32, BR=tables.block_r, BM=GROUP_BM, BK=GROUP_BK,
     )
-    return list(torch.split(out, tables.sizes))
+    return out

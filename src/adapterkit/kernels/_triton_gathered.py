@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .optional_triton import on_input_device
+
 TILE_BYTES = 32 * 1024  # one decode program's loads in flight per K chunk / output chunk
 DECODE_WARPS = 8
 TARGET_PROGRAMS = 256  # about two programs per SM on a 132-SM GPU
@@ -147,6 +149,7 @@ class DecodeLaunch:
         self.meta = dict(K=n_in, N=n_out, R=r, BR=br, BK=bk, BN=bn, CHUNKS=chunks)
         self.jit = _gathered_decode_kernel[self.grid]
 
+    @on_input_device
     def __call__(self, x: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
         self.jit(x, self.a, self.b, index, out, **self.meta, num_warps=DECODE_WARPS, num_stages=2)
 
@@ -161,6 +164,7 @@ def _block_m(tokens: int) -> int:
     return 16 if tokens <= 16 else (32 if tokens <= 32 else 64)
 
 
+@on_input_device
 def gathered_lora_add(
     out: torch.Tensor, x: torch.Tensor, a_table: torch.Tensor, b_table: torch.Tensor, index: torch.Tensor
 ) -> torch.Tensor:

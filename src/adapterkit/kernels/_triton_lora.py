@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .optional_triton import on_input_device
+
 # Launch shapes, chosen on an H100 with bench/train_step.py --micro --sweep (see bench/NOTES.md).
 FWD_BM, FWD_BK, FWD_WARPS, FWD_STAGES = 32, 128, 4, 4
 BWD_BM, BWD_BN, BWD_WARPS, BWD_STAGES = 64, 128, 4, 3
@@ -117,6 +119,7 @@ def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+@on_input_device
 def lora_a_forward(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, *, bm: int = FWD_BM, bk: int = FWD_BK,
                    num_warps: int = FWD_WARPS, num_stages: int = FWD_STAGES) -> torch.Tensor:
     """xa = dropout(x) @ aᵀ for contiguous x (M, K) and a (R, K); dropout scale 1/(1-p) included."""
@@ -129,6 +132,7 @@ def lora_a_forward(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, *, bm:
     return xa
 
 
+@on_input_device
 def lora_a_backward(x: torch.Tensor | None, g: torch.Tensor, a: torch.Tensor, p: float, seed: int, scaling: float,
                     need_dx: bool, need_da: bool, *, bm: int = BWD_BM, bn: int = BWD_BN, num_warps: int = BWD_WARPS,
                     num_stages: int = BWD_STAGES, splits: int | None = None):
