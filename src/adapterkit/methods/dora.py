@@ -133,7 +133,9 @@ class Magnitude(nn.Module):
             other_state = other._state(other_layer)
             if not other._fresh(other_state) and other_state[2].device == device:
                 todo.append((other, other_layer, other_state))
-        items = [(mag._matrix(lay), st[0].detach(), st[1].detach()) for mag, lay, st in todo]
+        # (M, A, B) as they are: a float base (no dequantizing), read under no_grad by the kernel or its reference
+        items = [(st[2].T if _is_embedding(lay) or lay.view.fan_in_fan_out else st[2], st[0], st[1])
+                 for _, lay, st in todo]
         norms = grouped_norms(items, [mag.record.scaling for mag, _, _ in todo])
         for (mag, _, st), norm in zip(todo, norms):
             mag.__dict__["_cache"] = (*st, norm, mag._cache[6] if mag._cache is not None else None)
