@@ -123,6 +123,8 @@ def test_cli_train_adalora(tmp_path):
     ({"target_r": 9}, "0 < target_r <= init_r"),
     ({"beta1": 1.0}, r"beta1 must be in \(0, 1\)"),
     ({"rank_pattern": {"q_proj.lora_E": [1, 0]}}, "list of at most init_r=6 booleans"),
+    ({"rank_pattern": "q_proj"}, r"rank_pattern must be a mapping .*got str 'q_proj'"),
+    ({"rank_pattern": 3}, r"rank_pattern must be a mapping .*got int 3"),
     ({"use_dora": True}, "does not support use_dora"),
 ])
 def test_bad_configs_are_refused(kwargs, word):

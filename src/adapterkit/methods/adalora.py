@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import MAX_LIST_ITEMS
 from ..errors import ConfigError
 from .base import AdapterWrapper, AttachContext
 from .lora import product_bound
@@ -72,6 +73,12 @@ class AdaLoraConfig(LoraConfig):
         if self.orth_reg_weight < 0 or self.deltaT < 1:
             raise ConfigError(f"orth_reg_weight must be >= 0 and deltaT >= 1, got {self.orth_reg_weight!r}, "
                               f"{self.deltaT!r}.")
+        if not isinstance(self.rank_pattern, dict):
+            raise ConfigError(f"AdaLoRA's rank_pattern must be a mapping {{'<module>.lora_E': [kept, ...]}}, got "
+                              f"{type(self.rank_pattern).__name__} {self.rank_pattern!r:.80}.")
+        if len(self.rank_pattern) > MAX_LIST_ITEMS:
+            raise ConfigError(f"AdaLoRA's rank_pattern has {len(self.rank_pattern):,} entries; at most "
+                              f"{MAX_LIST_ITEMS:,} are accepted.")
         for key, mask in self.rank_pattern.items():
             if not isinstance(key, str) or not isinstance(mask, list) or len(mask) > self.init_r \
                     or not all(isinstance(v, bool) for v in mask):
