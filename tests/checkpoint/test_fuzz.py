@@ -324,10 +324,20 @@ def _alarm(signum, frame):
     raise Hang()
 
 
+def damaged_copy(adapters: dict, rng: random.Random, folder: Path) -> tuple[str, Path, Path, str]:
+    """A copy of one of `adapters` (chosen by `rng`) in `folder`, one mutation applied: (which, the folder, the
+    files' folder that was damaged (a named adapter's subfolder, most often, for "second"), what the mutation did)."""
+    which = rng.choice(sorted(adapters))
+    source, adapter_name, _ = adapters[which]
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(source, folder, symlinks=True)
+    files = folder / "second" if adapter_name == "second" and rng.random() < 0.7 else folder
+    return which, folder, files, rng.choice(MUTATIONS)(files, rng)
+
+
 def test_fuzz_load(tmp_path):
     torch.set_num_threads(1)
     adapters = _adapters(tmp_path / "valid")
-    names = sorted(adapters)
     counts = {"cases": 0, "clean errors": 0, "loads": 0, "bad": 0}
     by_kind: dict[str, list[int]] = {}
     bad: list[str] = []
@@ -335,13 +345,8 @@ def test_fuzz_load(tmp_path):
     try:
         for case in range(CASES):
             rng = random.Random(f"{SEED}-{case}")
-            which = rng.choice(names)
-            source, adapter_name, model = adapters[which]
-            folder = tmp_path / "case"
-            shutil.rmtree(folder, ignore_errors=True)
-            shutil.copytree(source, folder, symlinks=True)
-            files = folder / "second" if adapter_name == "second" and rng.random() < 0.7 else folder
-            kind = rng.choice(MUTATIONS)(files, rng)
+            which, folder, files, kind = damaged_copy(adapters, rng, tmp_path / "case")
+            _, adapter_name, model = adapters[which]
             kwargs = rng.choice([{}, {}, {}, {"strict": False}, {"resize": False}, {"check_base": "warn"},
                                  {"check_base": "off"}, {"allow_base_overwrite": True}])
             fresh = copy.deepcopy(model)

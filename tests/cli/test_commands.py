@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -110,6 +111,58 @@ def test_inspect_reports_and_plots(cli, trained_adapter, tmp_path):
                  "lora_A.weight"):
         assert word in out
     assert plot.is_file() and plot.stat().st_size > 1000
+
+
+def _rewrite_weights(folder, change) -> None:
+    """Rewrite an adapter's tensors through `change(tensors)`, keeping the file's metadata (a hand-edited file)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_inspect_names_pairs_that_do_not_fit_and_reports_the_rest(cli, trained_adapter, tmp_path):
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(trained_adapter, folder)
+    keys = []
+
+    def shrink_one_b(tensors):
+        keys.extend(k for k in sorted(tensors) if k.endswith("lora_B.weight"))
+        tensors[keys[0]] = tensors[keys[0]][:, :2].contiguous()  # rank 2 against its A's rank 4
+
+    _rewrite_weights(folder, shrink_one_b)
+    code, out, err = cli("inspect", folder)
+    assert code == 0, err
+    module = keys[0].removeprefix("base_model.model.").removesuffix(".lora_B.weight")
+    assert "unreadable" in out and f"1 module(s) left out of ||ΔW||: {module}: A 4x" in out
+    assert re.search(rf"{re.escape(module)}: A 4x\d+, B \d+x2 do not fit together \(A is \(r, in\)", out)
+    assert "||ΔW|| total" in out  # the other pairs still counted
+
+
+def test_inspect_of_a_loha_file_missing_a_tensor(cli, tmp_path):
+    from helpers import build
+
+    folder = tmp_path / "loha"
+    ak.save(ak.attach(build("llama"), ak.LoHaConfig(r=2, target_modules=["q_proj", "v_proj"], init_weights=False)),
+            folder)
+    dropped = []
+
+    def drop_one(tensors):
+        dropped.append(sorted(k for k in tensors if k.endswith("hada_w1_b"))[0])
+        del tensors[dropped[0]]
+
+    _rewrite_weights(folder, drop_one)
+    code, out, err = cli("inspect", folder)
+    assert code == 0, err
+    module = dropped[0].removeprefix("base_model.model.").rsplit(".", 1)[0]
+    assert f"1 module(s) left out of ||ΔW||: {module}: no hada_w1_b tensor" in out
 
 
 def test_delta_norm_matches_dense_product():

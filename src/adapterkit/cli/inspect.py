@@ -31,9 +31,11 @@ def delta_norm(a, b, scaling: float) -> float:
     return abs(scaling) * float(torch.trace(gram).clamp_min(0).sqrt())
 
 
-def delta_norms(cfg, tensors: dict) -> dict[str, float]:
-    """||ΔW||_F per adapted module path (LoRA linear and embedding pairs in the file)."""
+def delta_norms(cfg, tensors: dict, problems: list[str] | None = None) -> dict[str, float]:
+    """||ΔW||_F per adapted module path (LoRA linear and embedding pairs in the file). A pair that does not fit
+    together (a damaged or edited file: A is (r, in), B is (out, r)) is left out and described in `problems`."""
     from ..checkpoint.format import strip_prefix
+    from ..methods.summary import module_norms
 
     pairs: dict[str, dict] = defaultdict(dict)
     for key, value in tensors.items():
@@ -42,10 +44,18 @@ def delta_norms(cfg, tensors: dict) -> dict[str, float]:
                              (".lora_embedding_B", "B")):
             if inner.endswith(suffix):
                 pairs[inner[: -len(suffix)]][role] = value
-    norms = {}
-    for path, pair in sorted(pairs.items()):
-        if "A" in pair and "B" in pair:
-            norms[path] = delta_norm(pair["A"], pair["B"], cfg.scaling_for(path))
+
+    def norm_of(path: str, pair: dict) -> float | None:
+        if "A" not in pair or "B" not in pair:
+            return None
+        a, b = pair["A"], pair["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError("A is (r, in) and B (out, r); the ranks differ or a factor is not 2-D")
+        return delta_norm(a, b, cfg.scaling_for(path))
+
+    norms, found = module_norms(dict(sorted(pairs.items())), norm_of)
+    if problems is not None:
+        problems.extend(found)
     return norms
 
 
@@ -67,6 +77,7 @@ def inspect_command(
     """Show an adapter's method, targets, rank, size, tensors, base fingerprint, vocabulary and ties."""
     from ..checkpoint import read_adapter
     from ..checkpoint.format import KEY_PREFIX, WEIGHTS_NAME
+    from ..methods.summary import problem_rows
 
     folder, cfg, tensors, metadata = read_adapter(adapter)
     weights = folder / WEIGHTS_NAME
@@ -105,12 +116,15 @@ def inspect_command(
     for key, value in rows:
         console.print(f"{key:<{width}}  {value}")
 
-    norms = delta_norms(cfg, tensors)
+    problems: list[str] = []
+    norms = delta_norms(cfg, tensors, problems)
     if norms:
         total = sum(v * v for v in norms.values()) ** 0.5
         top = sorted(norms.items(), key=lambda kv: -kv[1])[:3]
         console.print(f"{'||ΔW|| total':<{width}}  {total:.4g} (largest: "
                       + ", ".join(f"{p} {v:.3g}" for p, v in top) + ")")
+    for key, value in problem_rows(problems):
+        console.print(f"{key:<{width}}  {value}")
     if tensors_listed:
         console.print("tensors:")
         for key in sorted(tensors):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .lycoris import LycorisConfig, LycorisLayer, LycorisRecord, by_module, kaiming_, product_bound, summary_rows
+from .summary import module_norms
 
 
 @dataclass
@@ -92,11 +93,9 @@ class LoHaLayer(LycorisLayer):
 
 def summary(cfg: LoHaConfig, tensors: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
     """`adapterkit inspect` rows: hyperparameters and ||ΔW||_F per module, from the file's tensors alone."""
-    norms = {}
-    for path, t in by_module(tensors, "hada_").items():
-        t = {k: v.double() for k, v in t.items()}
-        if len(t) < 4:
-            continue
+
+    def norm_of(path: str, t: dict[str, torch.Tensor]) -> float:
+        t = {k: v.double() for k, v in t.items()}  # a missing factor is a KeyError: reported, not skipped
         if "hada_t1" in t:  # conv kernels are small: form ΔW
             w1 = torch.einsum("ijkl,jq,ip->pqkl", t["hada_t1"], t["hada_w1_b"], t["hada_w1_a"])
             w2 = torch.einsum("ijkl,jq,ip->pqkl", t["hada_t2"], t["hada_w2_b"], t["hada_w2_a"])
@@ -106,5 +105,7 @@ def summary(cfg: LoHaConfig, tensors: dict[str, torch.Tensor]) -> list[tuple[str
             a = (t["hada_w1_a"][:, :, None] * t["hada_w2_a"][:, None, :]).reshape(-1, r * r)
             b = (t["hada_w1_b"][:, None, :] * t["hada_w2_b"][None, :, :]).reshape(r * r, -1)
             norm = float(torch.trace((a.T @ a) @ (b @ b.T)).clamp_min(0).sqrt())
-        norms[path] = abs(cfg.scaling_for(path)) * norm
-    return summary_rows(cfg, norms)
+        return abs(cfg.scaling_for(path)) * norm
+
+    norms, problems = module_norms(by_module(tensors, "hada_"), norm_of)
+    return summary_rows(cfg, norms, problems=problems)

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 
 from .lycoris import LycorisConfig, LycorisLayer, LycorisRecord, by_module, kaiming_, product_bound, summary_rows
+from .summary import module_norms
 
 
 @dataclass
@@ -158,8 +159,8 @@ class LoKrLayer(LycorisLayer):
 
 def summary(cfg: LoKrConfig, tensors: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
     """`adapterkit inspect` rows: hyperparameters and ||ΔW||_F = s·||W1||_F·||W2||_F per module, from the file."""
-    norms = {}
-    for path, t in by_module(tensors, "lokr_").items():
+
+    def norm_of(path: str, t: dict[str, torch.Tensor]) -> float | None:
         t = {k: v.double() for k, v in t.items()}
         w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"] if "lokr_w1_a" in t else None
         if "lokr_w2" in t:
@@ -168,7 +169,10 @@ def summary(cfg: LoKrConfig, tensors: dict[str, torch.Tensor]) -> list[tuple[str
             w2 = torch.einsum("ijkl,ip,jq->pqkl", t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
         else:
             w2 = t["lokr_w2_a"] @ t["lokr_w2_b"] if "lokr_w2_a" in t else None
-        if w1 is not None and w2 is not None:
-            norms[path] = abs(cfg.scaling_for(path)) * float(w1.norm() * w2.norm())
+        if w1 is None or w2 is None:
+            return None
+        return abs(cfg.scaling_for(path)) * float(w1.norm() * w2.norm())
+
+    norms, problems = module_norms(by_module(tensors, "lokr_"), norm_of)
     extra = f", decompose_factor={cfg.decompose_factor}" + (", decompose_both" if cfg.decompose_both else "")
-    return summary_rows(cfg, norms, extra)
+    return summary_rows(cfg, norms, extra, problems)

@@ -22,6 +22,7 @@ from torch import nn
 from ..config import MAX_RANK, AdapterConfig, check_pattern_dict
 from ..errors import ConfigError, TargetError
 from .base import AdapterWrapper, AttachContext
+from .summary import problem_rows
 
 
 @dataclass
@@ -249,7 +250,8 @@ def by_module(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, dict[s
     return out
 
 
-def summary_rows(cfg: LycorisConfig, norms: dict[str, float], extra: str = "") -> list[tuple[str, str]]:
+def summary_rows(cfg: LycorisConfig, norms: dict[str, float], extra: str = "",
+                 problems: list[str] = ()) -> list[tuple[str, str]]:
     """The method line (key hyperparameters) and the size of the update, ||ΔW||_F per module, for inspect."""
     rows = [("method", f"{cfg.peft_type} (r={cfg.r}, alpha={cfg.alpha:g}, scale={cfg.alpha / cfg.r:g}, "
                        f"rank_dropout={cfg.rank_dropout:g}, module_dropout={cfg.module_dropout:g}"
@@ -258,4 +260,4 @@ def summary_rows(cfg: LycorisConfig, norms: dict[str, float], extra: str = "") -
         total = math.sqrt(sum(v * v for v in norms.values()))
         top = sorted(norms.items(), key=lambda kv: -kv[1])[:3]
         rows.append(("||ΔW|| total", f"{total:.4g} (largest: " + ", ".join(f"{p} {v:.3g}" for p, v in top) + ")"))
-    return rows
+    return rows + problem_rows(list(problems))
