@@ -93,6 +93,11 @@ def test_txt_file_gives_one_record_per_paragraph(tmp_path):
         ('{"text": ""}', "'text' is empty"),
         ('{"text": 3}', "must be a string"),
         ('{"text": "t", "prompt": "p", "completion": "c"}', "mixes the keys"),
+        # JSON allows an unpaired surrogate escape; no tokenizer can encode the string it gives
+        ('{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "x"}]}',
+         r"message 1 (user) holds an unpaired UTF-16 surrogate (\ud800) at character 3"),
+        ('{"prompt": "p", "completion": "\\udfff!"}', "'completion' holds an unpaired UTF-16 surrogate (\\udfff)"),
+        ('{"text": "a\\ud83d"}', "'text' holds an unpaired UTF-16 surrogate (\\ud83d) at character 1"),
     ],
 )
 def test_bad_line_is_reported_with_file_and_line_number(tmp_path, bad_line, expected):

@@ -97,14 +97,25 @@ def record_kind(record: Any) -> str:
                 raise DataError(f"prompt-completion record is missing {key!r}")
             if not isinstance(record[key], str):
                 raise DataError(f"{key!r} must be a string, found {type(record[key]).__name__}")
+            _check_encodable(record[key], repr(key))
         if not record["completion"].strip():
             raise DataError("'completion' is empty")
     else:
         if not isinstance(record["text"], str):
             raise DataError(f"'text' must be a string, found {type(record['text']).__name__}")
+        _check_encodable(record["text"], "'text'")
         if not record["text"].strip():
             raise DataError("'text' is empty")
     return kind
+
+
+def _check_encodable(text: str, what: str) -> None:
+    """Refuse a string no tokenizer can encode: JSON allows an unpaired \\uD800-\\uDFFF escape, UTF-8 does not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"{what} holds an unpaired UTF-16 surrogate (\\u{ord(text[err.start]):04x}) at character "
+                        f"{err.start}, which is not text any tokenizer can encode") from None
 
 
 def _check_messages(messages: Any) -> None:
@@ -117,6 +128,7 @@ def _check_messages(messages: Any) -> None:
             raise DataError(f"message {i} has role {message['role']!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(message["content"], str) or not message["content"].strip():
             raise DataError(f"message {i} ({message['role']}) has empty or non-string content")
+        _check_encodable(message["content"], f"message {i} ({message['role']})")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("conversation has no assistant message, so there is nothing to learn from it")
 
