@@ -253,3 +253,72 @@ def test_default_dataset_is_reproducible_from_its_script(tmp_path):
     script = runpy.run_path(str(ROOT / "scripts" / "make_default_dataset.py"))
     lines = [json.dumps(c, ensure_ascii=False) for c in script["build"]()]
     assert default_dataset_path().read_text(encoding="utf-8").splitlines() == lines
+
+
+_ODD_VALUES = [None, 1, -1, 2**70, 1.5, float("nan"), True, "", "x" * 3000, [], {}, [1], {"a": 1}, "\x00", "\ud800"]
+
+
+def _damage(rng, lines: list[str]) -> tuple[str, str]:
+    """The file's text with one damage: flipped bytes, a cut, or one record's field removed, renamed or retyped."""
+    text = "\n".join(lines)
+    kind = rng.randrange(4)
+    if kind == 0:
+        chars = list(text)
+        for _ in range(rng.randint(1, 5)):
+            chars[rng.randrange(len(chars))] = chr(rng.randrange(32, 0x2FF))
+        return "".join(chars), "chars"
+    if kind == 1:
+        return text[: rng.randrange(len(text))], "cut"
+    i = rng.randrange(len(lines))
+    record = json.loads(lines[i])
+    node = record
+    for _ in range(3):  # walk down a few levels, then damage there
+        children = list(node) if isinstance(node, dict) else list(range(len(node))) if isinstance(node, list) else []
+        if not children:
+            break
+        key = rng.choice(children)
+        if rng.random() < 0.4 or not isinstance(node[key], (dict, list)) or not node[key]:
+            if isinstance(node, dict) and rng.random() < 0.3:
+                del node[key]
+            elif isinstance(node, dict) and rng.random() < 0.3:
+                node[rng.choice(["role", "content", "messages", "text", "prompt", "completion"])] = rng.choice(
+                    _ODD_VALUES)
+            else:
+                node[key] = rng.choice(_ODD_VALUES)
+            break
+        node = node[key]
+    lines = list(lines)
+    lines[i] = json.dumps(record) if rng.random() < 0.9 else json.dumps(rng.choice(_ODD_VALUES))
+    return "\n".join(lines), "record"
+
+
+def test_damaged_files_give_a_data_error_or_records_that_tokenize(tmp_path):
+    """A fuzz (seeded, 600 cases): each damaged file is refused with a DataError naming it, or every record it gives
+    tokenizes. Before unpaired surrogates were checked, 5 of these 600 cases escaped as a tokenizer TypeError."""
+    import random
+
+    lines = [json.dumps(r) for r in (
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is two plus four"},
+                      {"role": "assistant", "content": "six"}]},
+        {"prompt": "what is two plus four", "completion": "six"},
+        {"text": "hello there"},
+        {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello there"}]},
+    )]
+    tok = make_tokenizer()
+    path = tmp_path / "case.jsonl"
+    bad, outcomes = [], {"refused": 0, "read": 0}
+    for case in range(600):
+        rng = random.Random(f"data-{case}")
+        text, kind = _damage(rng, lines)
+        path.write_bytes(text.encode("utf-8", "surrogatepass"))
+        try:
+            tokenize_records(load_records(path), tok, max_length=32)
+            outcomes["read"] += 1
+        except DataError as exc:
+            outcomes["refused"] += 1
+            if str(path) not in str(exc) and "record" not in str(exc):
+                bad.append(f"case {case} ({kind}): the error names neither the file nor the record: {exc}")
+        except Exception as exc:  # noqa: BLE001 - what the fuzz looks for
+            bad.append(f"case {case} ({kind}): raw {type(exc).__name__}: {str(exc)[:200]}")
+    assert not bad, "\n".join(bad[:20])
+    assert outcomes["refused"] > 0 and outcomes["read"] > 0
