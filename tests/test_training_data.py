@@ -181,6 +181,15 @@ def test_prompt_rendering_matches_training_prefix():
     assert ex["labels"][len(prompt)] != IGNORE_INDEX  # the first generated token is the first trained one
 
 
+def test_a_prompt_with_bytes_that_were_not_utf8_is_a_data_error():
+    """What `adapterkit generate $'\\xff'` hands over: Python decodes such an argument to a lone surrogate."""
+    tok = make_tokenizer()
+    with pytest.raises(DataError, match=r"the prompt holds an unpaired UTF-16 surrogate \(\\udcff\) at character 5"):
+        encode_prompt(tok, "what \udcff")
+    with pytest.raises(DataError, match=r"message 2 of the prompt holds an unpaired"):
+        encode_prompt(tok, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "\udcff"}])
+
+
 def test_truncation_and_dropping_examples_without_labels():
     tok = make_tokenizer()
     records = [chat(("user", "what is two plus two"), ("assistant", "four")), {"text": "hello there"}]

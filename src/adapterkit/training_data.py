@@ -262,6 +262,10 @@ def render_prompt(tokenizer, prompt: str | list[dict]) -> str:
     """The text to feed a model for a reply to ``prompt`` (a user question or a message list), formatted as in
     training: the tokenizer's chat template with the generation prompt, else the "User:/Assistant:" fallback."""
     messages = _as_messages(prompt)
+    for i, message in enumerate(messages, start=1):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):  # a command-line argument with bytes that were not UTF-8 arrives this way
+            _check_encodable(content, "the prompt" if isinstance(prompt, str) else f"message {i} of the prompt")
     if _has_chat_template(tokenizer):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return _render_fallback(messages, tokenizer, add_generation_prompt=True)[0]
