@@ -253,7 +253,8 @@ def test_grouped_norms_on_cuda_train_like_per_layer_norms(monkeypatch, dtype) ->
 
 
 def test_a_pickled_or_copied_dora_model_works_and_rejoins_the_refresh(monkeypatch) -> None:
-    """Whole-model torch.save / deepcopy keep working; the copy's layers join the one-call refresh on their next miss."""
+    """Whole-model torch.save and deepcopy keep working; a copy's layers join the one-call refresh at their next
+    miss."""
     import copy
     import io
 

@@ -178,8 +178,9 @@ GROUP_BM, GROUP_BK = 64, 64
 @triton.jit
 def _group_norm_kernel(base_ptr, meta_ptr, rank_ptr, scale_ptr, prog_ptr, out_ptr, N_COLS: tl.constexpr,
                        IEEE: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    # One program: BM rows of one item's M; every item of a launch has N_COLS columns. n_i = ‖M_i + s·(B A)_i‖ summed tile by tile over the columns in float32,
-    # the (BM, BK) tile of B A from one dot of B's rows (BM, r) with A's columns (r, BK): M + s·B A is never stored.
+    # One program: BM rows of one item's M; every item of a launch has N_COLS columns. n_i = ‖M_i + s·(B A)_i‖,
+    # summed tile by tile over the columns in float32, the (BM, BK) tile of B A from one dot of B's rows (BM, r)
+    # with A's columns (r, BK): M + s·B A is never stored.
     item = tl.load(prog_ptr + 2 * tl.program_id(0))
     row0 = tl.load(prog_ptr + 2 * tl.program_id(0) + 1)
     # int64 fields: where M, A and B start (in elements from base_ptr, the first item's M), the output offset,

@@ -27,7 +27,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not a tensor subclass such as FSD
 def _fits(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
     """The kernel's demands on one item: plain tensors of one float dtype on one device, contiguous factors, a rank
     it holds."""
-    return (type(m) in _PLAIN and type(a) in _PLAIN and type(b) in _PLAIN and m.dtype in _TRITON_DTYPES and a.dtype is m.dtype and b.dtype is m.dtype and m.dim() == 2
+    return (type(m) in _PLAIN and type(a) in _PLAIN and type(b) in _PLAIN
+            and m.dtype in _TRITON_DTYPES and a.dtype is m.dtype and b.dtype is m.dtype and m.dim() == 2
             and a.is_contiguous() and b.is_contiguous() and a.shape[0] <= MAX_GROUPED_RANK
             and a.device == m.device and b.device == m.device)
 

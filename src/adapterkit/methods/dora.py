@@ -15,8 +15,9 @@ The row norm never forms M + s·B·A (kernels/dora.py `dora_weight_norm`): a ste
 and an r×r Gram matrix; ‖M_i‖² of the frozen base is computed once and cached. On a GPU, the first layer to find
 its norm stale (an optimizer step changed its factors) refreshes every stale DoRA layer of the process on that device
 in one launch (kernels/dora_group.py), so a training step issues one or two norm launches, not two per layer. On a
-float nn.Linear / Conv1D with one DoRA adapter active, the forward is one autograd node (kernels/dora.py `dora_linear`) that keeps x, x·Aᵀ and the
-layer's output (which the next op usually keeps anyway) rather than an (N, out) pre-scale copy.
+float nn.Linear / Conv1D with one DoRA adapter active, the forward is one autograd node (kernels/dora.py
+`dora_linear`) that keeps x, x·Aᵀ and the layer's output (which the next op usually keeps anyway) rather than an
+(N, out) pre-scale copy.
 """
 
 from __future__ import annotations
