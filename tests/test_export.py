@@ -203,6 +203,23 @@ def test_gguf_refusals(tmp_path):
     assert not (tmp_path / "g.gguf").exists() and not (tmp_path / "t.gguf").exists()
 
 
+def test_export_never_replaces_what_is_at_the_output_path(tmp_path):
+    """A file where a vLLM folder should go, a folder where the .gguf file should go, a file inside the path: each a
+    clear error, and what was there is left as it was."""
+    src = make(tmp_path, "llama", r=2, target_modules=["q_proj"])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(ak.AdapterSaveError, match=r"notes\.txt exists and is a file, not a directory"):
+        ak.export(src, notes, to="vllm")
+    (tmp_path / "folder.gguf").mkdir()
+    with pytest.raises(ak.AdapterSaveError, match=r"folder\.gguf is a directory or a dangling link"):
+        ak.export(src, tmp_path / "folder.gguf", to="gguf")
+    with pytest.raises(ak.AdapterSaveError, match=r"cannot write .*: .*notes\.txt is a file, not a "
+                                                  r"directory; nothing was written"):
+        ak.export(src, notes / "out", to="gguf")
+    assert notes.read_text() == "keep me" and not any((tmp_path / "folder.gguf").iterdir())
+
+
 def _converter() -> Path | None:
     root = os.environ.get("ADAPTERKIT_LLAMACPP_DIR")
     script = Path(root) / "convert_lora_to_gguf.py" if root else None

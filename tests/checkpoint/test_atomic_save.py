@@ -161,6 +161,43 @@ def test_resave_replaces_atomically_and_keeps_other_files(tmp_path):
     )
 
 
+def test_saving_onto_a_file_refuses_and_keeps_the_file(tmp_path):
+    """An adapter is a folder: a file already at the path (a typo, a config file) is never replaced by one."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(ak.AdapterSaveError, match=r"notes\.txt exists and is a file, not a directory; nothing was "
+                                                  r"written"):
+        ak.save(_lora_llama(), notes)
+    assert notes.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no temp folder left behind
+    with pytest.raises(ak.AdapterSaveError, match=r"cannot write .*: .*notes\.txt is a file, not a "
+                                                  r"directory; nothing was written"):
+        ak.save(_lora_llama(), notes / "adapter")
+    assert notes.read_text() == "keep me"
+
+
+def test_saving_through_a_link(tmp_path):
+    """A link to a folder (`latest` -> `run-1`): the save goes into the folder and the link stays a link. A link to
+    a file or to nothing is refused and left as it is."""
+    (tmp_path / "run-1").mkdir()
+    (tmp_path / "run-1" / "tokenizer.json").write_text("{}")
+    latest = tmp_path / "latest"
+    latest.symlink_to("run-1")
+    ak.save(_lora_llama(), latest)
+    assert latest.is_symlink() and os.readlink(latest) == "run-1"
+    assert (tmp_path / "run-1" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run-1" / "tokenizer.json").read_text() == "{}"
+    assert ak.load(build("llama"), latest).ok
+    (tmp_path / "file").write_text("keep me")
+    for name, points_to in (("to-file", "file"), ("dangling", "nowhere")):
+        link = tmp_path / name
+        link.symlink_to(points_to)
+        with pytest.raises(ak.AdapterSaveError, match=rf"{name} exists and is a symbolic link, not a directory"):
+            ak.save(_lora_llama(), link)
+        assert link.is_symlink() and os.readlink(link) == points_to
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
 def test_truncated_file_is_a_clear_error(tmp_path):
     ak.save(_lora_llama(), tmp_path)
     weights = tmp_path / WEIGHTS

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import torch
 
 from ..config import parse_json
-from ..errors import AdapterLoadError, ConfigError
+from ..errors import AdapterLoadError, AdapterSaveError, ConfigError
 
 try:
     import fcntl
@@ -43,8 +43,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     What the caller wrote gets the modes a plain mkdir/open gives under the process umask (mkdtemp makes 0700 and
     safetensors writes 0600, which would hide the adapter from other users); carried-over entries keep theirs.
     """
-    target = Path(target).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = _writable_folder(Path(target).absolute())
     remove_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     lock = None
@@ -77,6 +76,32 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if lock is not None:
             os.close(lock)  # releases the flock
+
+
+def _writable_folder(target: Path) -> Path:
+    """The folder a save into `target` replaces: `target`, or the folder a symbolic link there points to. Anything
+    else already at the path (a file, a link to a file or to nothing) is refused before a byte is written: the
+    exchange would otherwise put the new folder in its place and delete it."""
+    if target.is_symlink() and target.is_dir():
+        target = target.resolve()  # a link to a folder (say `latest` -> `run-12`): the save goes into run-12
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        what = "a symbolic link" if target.is_symlink() else "a file" if target.is_file() else "not a folder"
+        raise AdapterSaveError(
+            f"{target} exists and is {what}, not a directory; nothing was written. An adapter is saved as a folder "
+            "of files: give a folder path, or move that entry away first."
+        )
+    make_parent(target)
+    return target
+
+
+def make_parent(path: Path) -> None:
+    """Create `path`'s parent folders, or refuse with the entry on the way that is a file, not a folder."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
+        raise AdapterSaveError(f"cannot write {path}: {blocking} is a file, not a directory; nothing was written."
+                               ) from None
 
 
 def current_umask() -> int:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import fingerprint
-from ..errors import ConfigError
+from ..checkpoint.io import make_parent
+from ..errors import AdapterSaveError, ConfigError
 from .layers import Adapter, Layer
 
 # HF model_type -> (gguf MODEL_ARCH name, whether llama.cpp's converter permutes q/k rows). Only architectures whose
@@ -120,7 +121,10 @@ def write_gguf(adapter: Adapter, out: str | Path, base: Any = None) -> tuple[Pat
     arch, alpha, tensors = gguf_tensors(adapter, config)
     out = Path(out)
     path = out if out.suffix == ".gguf" else out / FILE_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir() or (path.is_symlink() and not path.exists()):
+        raise AdapterSaveError(f"{path} is a directory or a dangling link, not a file to write; nothing was written. "
+                               f"Give a .gguf file path, or a folder to write {FILE_NAME} into.")
+    make_parent(path)
     tmp = path.with_name(f".{path.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
