@@ -21,6 +21,20 @@ def test_missing_data_file(cli, tmp_path, tiny_model_dir):
     assert "nope.jsonl" in _one_error_line(code, err)
 
 
+def test_an_out_path_that_is_a_file_is_refused_before_training(cli, tmp_path, tiny_model_dir, chat_data,
+                                                                 monkeypatch):
+    import adapterkit.cli.train as train_cli
+
+    monkeypatch.setattr(train_cli, "_train", lambda **kw: (_ for _ in ()).throw(AssertionError("trained")))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    code, _, err = cli("train", "--model", tiny_model_dir, "--data", chat_data, "--out", notes)
+    assert "--out: " in _one_error_line(code, err) and "notes.txt exists and is a file, not a directory" in err
+    code, _, err = cli("train", "--model", tiny_model_dir, "--data", chat_data, "--out", notes / "adapter")
+    assert "notes.txt is a file, not a directory" in _one_error_line(code, err)
+    assert notes.read_text() == "keep me"
+
+
 def test_bad_jsonl_line_is_named(cli, tmp_path, tiny_model_dir):
     data = tmp_path / "bad.jsonl"
     good = json.dumps({"prompt": "a", "completion": "b"})

@@ -78,30 +78,42 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
             os.close(lock)  # releases the flock
 
 
-def _writable_folder(target: Path) -> Path:
-    """The folder a save into `target` replaces: `target`, or the folder a symbolic link there points to. Anything
-    else already at the path (a file, a link to a file or to nothing) is refused before a byte is written: the
-    exchange would otherwise put the new folder in its place and delete it."""
+def output_folder_problem(target: str | os.PathLike) -> str | None:
+    """Why a save into `target` would be refused, or None; nothing is created. A save writes a folder, so a file
+    (or a link to a file or to nothing) at the path, or a file among its parents, is a problem; a folder, a link to
+    a folder or a path that does not exist yet is not."""
+    target = Path(target).absolute()
     if target.is_symlink() and target.is_dir():
-        target = target.resolve()  # a link to a folder (say `latest` -> `run-12`): the save goes into run-12
+        return None  # a link to a folder (say `latest` -> `run-12`): the save goes into run-12
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         what = "a symbolic link" if target.is_symlink() else "a file" if target.is_file() else "not a folder"
-        raise AdapterSaveError(
-            f"{target} exists and is {what}, not a directory; nothing was written. An adapter is saved as a folder "
-            "of files: give a folder path, or move that entry away first."
-        )
-    make_parent(target)
+        return (f"{target} exists and is {what}, not a directory; nothing was written. An adapter is saved as a "
+                "folder of files: give a folder path, or move that entry away first.")
+    blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        return f"cannot write {target}: {blocking} is a file, not a directory; nothing was written."
+    return None
+
+
+def _writable_folder(target: Path) -> Path:
+    """The folder a save into `target` replaces: `target`, or the folder a symbolic link there points to, with its
+    parents created. Anything else at the path is refused before a byte is written (`output_folder_problem`): the
+    exchange would otherwise put the new folder in its place and delete it."""
+    problem = output_folder_problem(target)
+    if problem is not None:
+        raise AdapterSaveError(problem)
+    if target.is_symlink():
+        target = target.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
     return target
 
 
 def make_parent(path: Path) -> None:
     """Create `path`'s parent folders, or refuse with the entry on the way that is a file, not a folder."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
-        raise AdapterSaveError(f"cannot write {path}: {blocking} is a file, not a directory; nothing was written."
-                               ) from None
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise AdapterSaveError(f"cannot write {path}: {blocking} is a file, not a directory; nothing was written.")
+    path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def current_umask() -> int:

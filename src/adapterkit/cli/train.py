@@ -100,6 +100,11 @@ def train_command(
     if quantize is not None and quantize.lower() not in QUANT_KINDS:
         raise CliError(f"unknown --quantize {quantize!r}; choose one of {', '.join(QUANT_KINDS)}")
 
+    from ..checkpoint.io import output_folder_problem
+
+    problem = output_folder_problem(out)
+    if problem is not None:  # found before the training run, not after it
+        raise CliError(f"--out: {problem}")
     schedule = _adalora_schedule(method, r, target_r, max_steps)
     config_for_method(method, r=r, alpha=alpha, dropout=dropout, targets=["probe"], **schedule)  # bad options early
     group = dist_setup.start()  # None outside torchrun
