@@ -213,3 +213,8 @@ def test_attached_layers_take_the_models_mode(extra) -> None:
     assert torch.equal(logits(model, x), logits(model, x))  # eval: dropout is off
     model.train()
     assert all(m.training for m in model.modules())
+
+
+def test_attach_refuses_what_is_not_a_module() -> None:
+    with pytest.raises(ak.ConfigError, match="attach adapts a torch.nn.Module .*got str"):
+        ak.attach("meta-llama/Llama-3.2-1B", ak.LoraConfig(r=4, target_modules=["q_proj"]))

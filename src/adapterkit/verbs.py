@@ -63,6 +63,8 @@ def attach(
     PEFT: `set_active` switches. Adapter tensors take each base layer's compute dtype and device unless `dtype` is
     given. Nothing in the model changes when targeting fails.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"attach adapts a torch.nn.Module (a transformers model, say), got {type(model).__name__}.")
     method = method_for(config)
     _check_name(name)
     state = adapter_state(model)

@@ -127,3 +127,12 @@ def test_load_non_strict_reports_missing(tmp_path) -> None:
     assert logits(model, input_ids()).isfinite().all()
     # The parameter with no value gets the config's init (B = 0: a no-op), never uninitialised memory.
     assert torch.count_nonzero(model.model.layers[1].self_attn.q_proj.lora_B["default"].weight) == 0
+
+
+def test_save_names_takes_one_name_as_a_string(tmp_path):
+    """names="ab" is the adapter "ab", not the adapters "a" and "b"."""
+    model = build("llama")
+    for name in ("ab", "a", "b"):
+        ak.attach(model, ak.LoraConfig(r=2, target_modules=["q_proj"]), name=name)
+    ak.save(model, tmp_path / "one", names="ab")
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["ab"]

@@ -26,13 +26,14 @@ def save(
     model: nn.Module,
     directory: str | os.PathLike,
     *,
-    names: list[str] | None = None,
+    names: str | list[str] | None = None,
     tokenizer: Any = None,
     peft_compatible: bool = False,
     writer: bool | None = None,
     as_plain_lora: bool = False,
 ) -> Path:
-    """Save adapters (default: all) to `directory`: "default" at the top level, other names in sub-folders.
+    """Save adapters (`names`: one name or a list; default all) to `directory`: "default" at the top level, other
+    names in sub-folders.
 
     Files already in `directory` that the save does not rewrite (a tokenizer, trainer state) are kept.
     `tokenizer`: saved beside the adapter (top level), e.g. after `vocab.add_tokens` changed its vocabulary.
@@ -51,7 +52,7 @@ def save(
     """
     model = unwrap(model)  # DDP / torch.compile wrappers: the adapters live on the user's model inside
     state = require_state(model)
-    names = list(state.configs) if names is None else list(names)
+    names = list(state.configs) if names is None else [names] if isinstance(names, str) else list(names)
     unknown = [n for n in names if n not in state.configs]
     if unknown:
         raise AdapterSaveError(f"no adapter named {unknown[0]!r}; attached adapters: {sorted(state.configs)}.")
