@@ -144,6 +144,18 @@ def test_shape_mismatch_names_both_shapes():
         ak.chunked_loss(torch.randn(2, 4, 32), model.lm_head, torch.zeros(2, 5, dtype=torch.long))
 
 
+@pytest.mark.parametrize("ids, labels, message", [
+    (input_ids().float(), None, r"input_ids must be an integer tensor of shape \(batch, sequence\), got "
+                                r"torch.float32 of shape \(2, 7\)"),
+    (input_ids()[0], None, r"input_ids must be .* got torch.int64 of shape \(7,\)"),
+    (input_ids(), input_ids()[:, :3], r"labels \(2, 3\) must have the shape of input_ids \(2, 7\)"),
+    (input_ids(), [[1, 2]], r"labels must be an integer tensor .* got list"),
+])
+def test_causal_lm_loss_names_a_bad_batch(ids, labels, message):
+    with pytest.raises(ak.ConfigError, match=message):
+        ak.causal_lm_loss(build("llama"), ids, labels=labels)
+
+
 def test_liger_backend_without_the_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(losses, "_liger", False)
     head = nn.Linear(32, VOCAB, bias=False)

@@ -147,6 +147,19 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_token_batch(input_ids, labels) -> None:
+    """input_ids and labels: integer (batch, sequence) tensors of one shape (what the shift and the mask assume)."""
+    for name, t in (("input_ids", input_ids), ("labels", labels)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype.is_floating_point or t.dtype.is_complex \
+                or t.dtype == torch.bool:
+            shown = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ConfigError(f"causal_lm_loss: {name} must be an integer tensor of shape (batch, sequence), got "
+                              f"{shown}.")
+    if labels.shape != input_ids.shape:
+        raise ConfigError(f"causal_lm_loss: labels {tuple(labels.shape)} must have the shape of input_ids "
+                          f"{tuple(input_ids.shape)} (position t's label is the token t+1 should predict).")
+
+
 def causal_lm_loss(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -176,6 +189,7 @@ def causal_lm_loss(
                           "its logits or is not split that way. Use model(..., labels=...).loss instead.")
     head = parts[1]
     labels = input_ids if labels is None else labels
+    _check_token_batch(input_ids, labels)
     model_kwargs.setdefault("use_cache", False)  # a training step needs no KV cache
     with head_bypassed(head):
         out = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
