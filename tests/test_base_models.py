@@ -64,6 +64,22 @@ def test_dtype_is_honoured(tmp_path, isolated_cache):
     assert model.lm_head.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+     r"SafetensorError: .*\(a damaged or incomplete model folder\?\)"),
+    (lambda d: (d / "config.json").write_text('{"model_type": "llama", "hidden_size": "big"}'),
+     r"StrictDataclassFieldValidationError: .*hidden_size"),
+    (lambda d: (d / "config.json").write_text("{oops"), r".*config.json. is not a valid JSON file"),
+    (lambda d: (d / "tokenizer.json").write_text("{oops"), r"Expecting property name"),
+], ids=["truncated weights", "config field of the wrong type", "config not JSON", "tokenizer not JSON"])
+def test_a_damaged_model_folder_is_a_model_load_error(tmp_path, isolated_cache, damage, message):
+    directory = save_tiny_llama(tmp_path / "tiny")
+    damage(directory)
+    with pytest.raises(models.ModelLoadError, match=rf"cannot load the model in .*tiny: {message}"):
+        load_model(directory)
+    assert issubclass(models.ModelLoadError, ModelNotFoundError)  # what the CLI reports as one error line
+
+
 def test_unknown_spec_error_names_spec_attempts_and_fix(isolated_cache):
     with pytest.raises(ModelNotFoundError) as err:
         resolve_model("definitely-not-a-model")

@@ -65,6 +65,19 @@ class ModelNotFoundError(ValueError):
     """The model spec names nothing that can be loaded locally."""
 
 
+class ModelLoadError(ModelNotFoundError):
+    """The model spec names a local model that its files cannot be loaded from (damaged or incomplete)."""
+
+
+# Packages whose exceptions mean "these model files cannot be read" when transformers loads a folder.
+_READER_PACKAGES = ("safetensors", "huggingface_hub", "tokenizers", "transformers", "json")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     """Where a model spec points to.
@@ -331,8 +344,16 @@ def load_model(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve_model(spec, cache=cache)
-    model = AutoModelForCausalLM.from_pretrained(resolved.local_dir, dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(resolved.local_dir, local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved.local_dir, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(resolved.local_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the model in {resolved.local_dir}: {_first_line(exc)}") from exc
+    except Exception as exc:  # the readers' own errors (safetensors, huggingface_hub's config checks) have no shared base
+        if type(exc).__module__.split(".")[0] not in _READER_PACKAGES:
+            raise
+        raise ModelLoadError(f"cannot load the model in {resolved.local_dir}: {type(exc).__name__}: "
+                             f"{_first_line(exc)} (a damaged or incomplete model folder?)") from exc
     model.name_or_path = model.config.name_or_path = resolved.name_or_path
     model.eval()
     return model, tokenizer, resolved
