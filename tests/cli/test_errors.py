@@ -35,6 +35,14 @@ def test_an_out_path_that_is_a_file_is_refused_before_training(cli, tmp_path, ti
     assert notes.read_text() == "keep me"
 
 
+def test_merge_out_that_is_a_file_is_refused(cli, tmp_path, trained_adapter, tiny_model_dir):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    code, _, err = cli("merge", trained_adapter, "--model", tiny_model_dir, "--out", notes)
+    assert "--out: " in _one_error_line(code, err) and "notes.txt exists and is a file, not a directory" in err
+    assert notes.read_text() == "keep me"
+
+
 def test_bad_jsonl_line_is_named(cli, tmp_path, tiny_model_dir):
     data = tmp_path / "bad.jsonl"
     good = json.dumps({"prompt": "a", "completion": "b"})

@@ -87,7 +87,7 @@ def output_folder_problem(target: str | os.PathLike) -> str | None:
         return None  # a link to a folder (say `latest` -> `run-12`): the save goes into run-12
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         what = "a symbolic link" if target.is_symlink() else "a file" if target.is_file() else "not a folder"
-        return (f"{target} exists and is {what}, not a directory; nothing was written. An adapter is saved as a "
+        return (f"{target} exists and is {what}, not a directory; nothing was written. What is saved there is a "
                 "folder of files: give a folder path, or move that entry away first.")
     blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:

@@ -37,6 +37,7 @@ def merge_command(
     import adapterkit as ak
 
     from ..checkpoint import read_adapter
+    from ..checkpoint.io import output_folder_problem
     from ..training_data import encode_prompt
 
     target_dtype = torch_dtype(dtype)
@@ -44,6 +45,9 @@ def merge_command(
     quantize = (quantize or _trained_quantization(folder) or "").lower() or None
     if quantize is not None and quantize not in QUANT_KINDS:
         raise CliError(f"unknown --quantize {quantize!r}; choose one of {', '.join(QUANT_KINDS)}")
+    problem = output_folder_problem(out)
+    if problem is not None:
+        raise CliError(f"--out: {problem}")
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise CliError(f"{out} exists and is not a model directory; choose an empty or new --out")
     base, tokenizer, resolved = load_base(model_spec_for_adapter(cfg.base_model_name_or_path, model))
