@@ -86,6 +86,23 @@ def test_no_match_names_patterns_and_existing_modules(target) -> None:
     assert adapter_state(model) is None
 
 
+@pytest.mark.parametrize("kwargs, culprit", [
+    (dict(exclude_modules=["q_proj"]), r"exclude_modules=\['q_proj'\] leaves none of them\."),
+    (dict(layers_to_transform=[99]), r"layers_to_transform=\[99\] leaves none of them\."),
+    (dict(modules_to_save=["q_proj"]), r"modules_to_save=\['q_proj'\] leaves none of them \(a module in "
+                                       r"modules_to_save is trained as a full copy"),
+])
+def test_targets_that_a_filter_removes_name_the_filter(kwargs, culprit) -> None:
+    """target_modules matches, then exclude_modules / layers_to_transform / modules_to_save take every match away:
+    the error says which, instead of claiming that nothing matched."""
+    model = build("llama")
+    before = snapshot(model)
+    with pytest.raises(ak.TargetError, match=r"target_modules=\['q_proj'\] matches 2 module\(s\) \(e\.g\. "
+                                             r"model\.layers\.0\.self_attn\.q_proj\), but " + culprit):
+        ak.attach(model, ak.LoraConfig(target_modules=["q_proj"], **kwargs))
+    assert_unchanged(model, before)
+
+
 def test_unsupported_layer_type_is_refused() -> None:
     model = build("llama")
     before = snapshot(model)

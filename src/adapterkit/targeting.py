@@ -169,11 +169,32 @@ def find_targets(
         found.append((name, module, layer))
     found += find_parameter_targets(model, cfg, method, modules, {p for p, _, _ in found})
     if not found and cfg.target_modules:
+        filtered = _filtered_out(cfg, modules if modules is not None else list(iter_modules(model)))
         raise TargetError(
-            f"target_modules={_short(cfg.target_modules)} matched no module of {type(model).__name__}. "
-            f"Module names that exist include: {', '.join(sample_leaf_names(model))}."
+            f"target_modules={_short(cfg.target_modules)} " + (
+                f"matches {filtered}" if filtered else f"matched no module of {type(model).__name__}. Module names "
+                f"that exist include: {', '.join(sample_leaf_names(model))}.")
         )
     return found
+
+
+_FILTERS = ("exclude_modules", "modules_to_save", "layers_to_transform")
+
+
+def _filtered_out(cfg: AdapterConfig, modules: list[tuple[str, nn.Module]]) -> str:
+    """When target_modules alone matches modules that a filter then removed: which filter, and an example ("" when
+    target_modules matches nothing by itself)."""
+    unfiltered = target_matcher(cfg.replace(**{key: None for key in _FILTERS}))
+    hits = [name for name, _ in modules if name and unfiltered(name)]
+    if not hits:
+        return ""
+    culprits = [key for key in _FILTERS if getattr(cfg, key) not in (None, [])
+                and not any(target_matcher(cfg.replace(**{key: None}))(name) for name in hits)]
+    culprits = culprits or [key for key in _FILTERS if getattr(cfg, key) not in (None, [])]  # only together
+    named = " and ".join(f"{key}={_short(getattr(cfg, key))}" for key in culprits)
+    why = (" (a module in modules_to_save is trained as a full copy and never also gets an adapter)"
+           if "modules_to_save" in culprits else "")
+    return f"{len(hits)} module(s) (e.g. {hits[0]}), but {named} leaves none of them{why}."
 
 
 def find_parameter_targets(
