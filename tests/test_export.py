@@ -217,6 +217,9 @@ def test_export_never_replaces_what_is_at_the_output_path(tmp_path):
     with pytest.raises(ak.AdapterSaveError, match=r"cannot write .*: .*notes\.txt is a file, not a "
                                                   r"directory; nothing was written"):
         ak.export(src, notes / "out", to="gguf")
+    (tmp_path / "dangling.gguf").symlink_to("nowhere")
+    with pytest.raises(ak.AdapterSaveError, match=r"dangling\.gguf is a directory or a dangling link"):
+        ak.export(src, tmp_path / "dangling.gguf", to="gguf")
     assert notes.read_text() == "keep me" and not any((tmp_path / "folder.gguf").iterdir())
 
 

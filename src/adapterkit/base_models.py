@@ -70,7 +70,7 @@ class ModelLoadError(ModelNotFoundError):
 
 
 # Packages whose exceptions mean "these model files cannot be read" when transformers loads a folder.
-_READER_PACKAGES = ("safetensors", "huggingface_hub", "tokenizers", "transformers", "json")
+_READER_PACKAGES = ("safetensors", "huggingface_hub", "tokenizers", "transformers")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -89,10 +89,15 @@ def output_folder_problem(target: str | os.PathLike) -> str | None:
         what = "a symbolic link" if target.is_symlink() else "a file" if target.is_file() else "not a folder"
         return (f"{target} exists and is {what}, not a directory; nothing was written. What is saved there is a "
                 "folder of files: give a folder path, or move that entry away first.")
-    blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        return f"cannot write {target}: {blocking} is a file, not a directory; nothing was written."
-    return None
+    return _parent_problem(target)
+
+
+def _parent_problem(path: Path) -> str | None:
+    """Why `path`'s parent folders cannot be created (a file stands where a folder must), or None."""
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is None:
+        return None
+    return f"cannot write {path}: {blocking} is a file, not a directory; nothing was written."
 
 
 def _writable_folder(target: Path) -> Path:
@@ -110,9 +115,9 @@ def _writable_folder(target: Path) -> Path:
 
 def make_parent(path: Path) -> None:
     """Create `path`'s parent folders, or refuse with the entry on the way that is a file, not a folder."""
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise AdapterSaveError(f"cannot write {path}: {blocking} is a file, not a directory; nothing was written.")
+    problem = _parent_problem(path)
+    if problem is not None:
+        raise AdapterSaveError(problem)
     path.parent.mkdir(parents=True, exist_ok=True)
 
 

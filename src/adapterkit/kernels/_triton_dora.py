@@ -184,15 +184,15 @@ def _group_norm_kernel(base_ptr, meta_ptr, rank_ptr, scale_ptr, prog_ptr, out_pt
     item = tl.load(prog_ptr + 2 * tl.program_id(0))
     row0 = tl.load(prog_ptr + 2 * tl.program_id(0) + 1)
     # int64 fields: where M, A and B start (in elements from base_ptr, the first item's M), the output offset,
-    # rows, columns, M's two strides
-    meta = meta_ptr + item * 8
+    # rows, M's two strides
+    meta = meta_ptr + item * 7
     m_ptr = base_ptr + tl.load(meta)
     a_ptr = base_ptr + tl.load(meta + 1)
     b_ptr = base_ptr + tl.load(meta + 2)
     out_off = tl.load(meta + 3)
     n_rows = tl.load(meta + 4)
-    stride_row = tl.load(meta + 6)
-    stride_col = tl.load(meta + 7)
+    stride_row = tl.load(meta + 5)
+    stride_col = tl.load(meta + 6)
     r = tl.load(rank_ptr + item)
     s = tl.load(scale_ptr + item)
     rows = row0 + tl.arange(0, BM)
@@ -227,14 +227,14 @@ class _Tables:
         offset = 0
         base, size = items[0][0].data_ptr(), items[0][0].element_size()  # every item: one dtype, so whole elements
         for index, (m, a, b) in enumerate(items):
-            n_rows, n_cols = m.shape
+            n_rows = m.shape[0]
             starts = [(t.data_ptr() - base) // size for t in (m, a, b)]
-            meta.append([*starts, offset, n_rows, n_cols, m.stride(0), m.stride(1)])
-            self.n_cols = n_cols
+            meta.append([*starts, offset, n_rows, m.stride(0), m.stride(1)])
             prog.extend((index, row0) for row0 in range(0, n_rows, GROUP_BM))
             sizes.append(n_rows)
             offset += n_rows
         self.key, self.sizes, self.total, self.programs = key, sizes, offset, len(prog)
+        self.n_cols = items[0][0].shape[1]  # the same for every item of a launch
         self.meta = torch.tensor(meta, dtype=torch.int64).to(device)
         self.ranks = torch.tensor([a.shape[0] for _, a, _ in items], dtype=torch.int32).to(device)
         self.scales = torch.tensor(scalings, dtype=torch.float32).to(device)
