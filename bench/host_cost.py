@@ -2,7 +2,8 @@
 
 Steps that are close to CPU-bound (DoRA, a 4-bit base, eager decode) are decided by this, not by GPU time. Tensors
 are tiny (the GPU finishes each kernel before the host issues the next), and each figure is the mean over many calls
-with one synchronisation at the end. Rows: single ops (a torch op, a Triton launch), then layers: the frozen base,
+with one synchronisation at the end. Rows: single ops (a torch op, Triton launches: through the JIT and
+direct, as `kernels/direct_launch.py` relaunches a compiled kernel), then layers: the frozen base,
 LoRA, DoRA and a 4-bit base with and without LoRA, under no_grad (decode) and forward + backward (training).
 
 Training rows come twice. "one layer" is a forward + backward of a single layer, so it includes what every backward
@@ -112,6 +113,17 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
                 n = torch.ones(WIDTH, device=dev, dtype=torch.float32)
                 rows.append(("Triton launch: DoRA scale_columns_",
                              per_call_us(lambda: td.scale_columns_(x, m, n, None), 2 * args.calls)))
+                from adapterkit.kernels import _triton_gathered as tg
+
+                a_tab = torch.zeros(4, RANK, WIDTH, device=dev, dtype=dt)
+                b_tab = torch.zeros(4, WIDTH, RANK, device=dev, dtype=dt)
+                index = torch.zeros(ROWS, device=dev, dtype=torch.long)
+                run = tg.decode_launch(ROWS, a_tab, b_tab)
+                via_jit = run.launch.jit
+                rows.append(("Triton launch: gathered decode, through the JIT", per_call_us(
+                    lambda: via_jit(x, a_tab, b_tab, index, x, **run.meta, **run.launch.options), 2 * args.calls)))
+                rows.append(("Triton launch: gathered decode, direct (as served)",
+                             per_call_us(lambda: run(x, index, x), 2 * args.calls)))
             except Exception as exc:  # report and go on: the layer rows still mean something
                 rows.append((f"Triton launch: unavailable ({type(exc).__name__})", float("nan")))
     for kind in KINDS if not args.cpu else ("base", "lora", "dora"):

@@ -7,7 +7,9 @@ rows: frozen base / PEFT one adapter / PEFT mixed (`adapter_names=`) / adapterki
 (serving table; on CUDA also the plain-PyTorch gather path), plus a CUDA-graph-captured adapterkit mixed decode step
 (and the base's, for its ratio) and hot-swap latency (put from disk, put from memory). The same adapter files are
 loaded into both libraries, and the mixed outputs of the two are compared.
-`--small`: tiny shapes in fp32 on CPU, seconds. Results go to $OUT/serve.json when OUT is set.
+`--small`: tiny shapes in fp32 on CPU, seconds. `--profile`: also break one eager decode forward of the base, of one
+adapter and of the mixed batch down by op (host time, calls, kernel launches). Results go to $OUT/serve.json when OUT
+is set.
 
     python bench/serve.py            # GPU table
     python bench/serve.py --small    # CPU smoke run
@@ -99,6 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny shapes, fp32, CPU: a smoke run in seconds")
     parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--profile", action="store_true", help="break eager decode forwards down by op")
     args = parser.parse_args()
     small = args.small or not torch.cuda.is_available()
     device = "cpu" if small else "cuda"
@@ -166,6 +169,9 @@ def main() -> None:
                 results[f"{phase}_max_rel_diff_vs_peft"] = float((got - want).abs().max() / want.abs().max())
                 plain = base(input_ids=ids, use_cache=False).logits.float()
                 results[f"{phase}_adapter_effect"] = float((got - plain).abs().max() / plain.abs().max())
+                if phase == "decode" and args.profile:
+                    results["decode_profile"] = profile_rows(
+                        {label: cases[label] for label in ("base", "adapterkit one adapter", "adapterkit mixed")})
                 if phase == "decode" and device == "cuda":
                     ms.update(graph_rows(base, akm, pm, table, ids, route, names, timer, warmup, iters))
             results["ms"][phase] = ms
@@ -176,6 +182,37 @@ def main() -> None:
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "serve.json").write_text(json.dumps(results, indent=2))
+
+
+def profile_rows(cases: dict, calls: int = 5) -> dict:
+    """Per case: host microseconds per forward by op (self time, the top ones), op calls and kernel launches per
+    forward. Eager decode is bound by the host issuing ops, so this says where each case's extra time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    out = {}
+    for label, fn in cases.items():
+        fn()
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        launches = sum(e.count for e in events if "LaunchKernel" in e.key or e.key.startswith("cuLaunch"))
+        ops = [e for e in events if e.key.startswith("aten::") or "triton" in e.key.lower()]
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+        out[label] = {
+            "kernel launches per forward": launches / calls,
+            "aten op calls per forward": sum(e.count for e in ops) / calls,
+            "host us per forward, top ops by self time": {e.key: round(e.self_cpu_time_total / calls, 1) for e in top},
+        }
+    for label, row in out.items():
+        print(f"-- eager decode forward, {label}: {row['kernel launches per forward']:.0f} kernel launches, "
+              f"{row['aten op calls per forward']:.0f} aten op calls")
+        for key, us in row["host us per forward, top ops by self time"].items():
+            print(f"     {us:9.1f} us  {key[:70]}")
+    return out
 
 
 def graph_rows(base, akm, pm, table, ids, route, names, timer, warmup, iters) -> dict:

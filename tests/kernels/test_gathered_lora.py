@@ -349,3 +349,31 @@ def test_triton_in_place_and_cuda_graph_capture():
             torch.testing.assert_close(static.float(), want, atol=3e-2, rtol=3e-2)
 
 
+
+
+@cuda
+def test_decode_launches_after_the_first_skip_the_jit_and_stay_exact(kernels):
+    """From the second call on, the decode kernel is launched directly (DirectLaunch); each call, a new route, a
+    misaligned input (through the JIT) and a captured graph still match the reference."""
+    a_tab, b_tab, _ = tables([8, 16, 4], 512, 768, 16, dtype=torch.bfloat16, device="cuda")
+    index = torch.arange(24, device="cuda") % 4
+    run = kernels.decode_launch(24, a_tab, b_tab)
+    storage = torch.randn(24 * 512 + 1, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(24, 1, 768, device="cuda", dtype=torch.bfloat16)
+    for step, x in enumerate([storage[:-1], storage[:-1], storage[1:], storage[:-1]]):
+        x = x.view(24, 1, 512)
+        index.copy_((torch.arange(24, device="cuda") + step) % 4)
+        out = y.clone()
+        run(x, index, out)
+        want = gathered_lora_reference(x.float(), a_tab.float(), b_tab.float(), index, y.float())
+        torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
+        if step == 0:
+            assert run.launch.launcher is not None  # bound after the first launch
+    static_x, static_out = storage[:-1].view(24, 1, 512), y.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(static_x, index, static_out)  # the direct launcher on the capture stream
+    static_out.copy_(y)
+    graph.replay()
+    want = gathered_lora_reference(static_x.float(), a_tab.float(), b_tab.float(), index, y.float())
+    torch.testing.assert_close(static_out.float(), want, atol=3e-2, rtol=3e-2)

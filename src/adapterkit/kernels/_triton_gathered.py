@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .direct_launch import DirectLaunch
 from .optional_triton import on_input_device
 
 TILE_BYTES = 32 * 1024  # one decode program's loads in flight per K chunk / output chunk
@@ -126,8 +127,8 @@ def _gathered_lora_kernel(
 class DecodeLaunch:
     """The decode kernel bound to one layer's tables and batch size: `launch(x, index, out)`.
 
-    Block sizes, splits and the grid are computed once here; each call is one launch through Triton's JIT with only
-    the five tensors as runtime arguments (the sizes are compile-time constants).
+    Block sizes, splits and the grid are computed once here; the five tensors are the only runtime arguments (the
+    sizes are compile-time constants), so after the first call each launch skips Triton's JIT (`DirectLaunch`).
     x (rows, ..., in) and out (rows, ..., out_features) contiguous with one token per row; a_table (slots, R, in) and
     b_table (slots, out, R) contiguous; index (rows,) int64.
     """
@@ -147,11 +148,12 @@ class DecodeLaunch:
         self.a, self.b = a_table, b_table
         self.grid = (rows, splits)
         self.meta = dict(K=n_in, N=n_out, R=r, BR=br, BK=bk, BN=bn, CHUNKS=chunks)
-        self.jit = _gathered_decode_kernel[self.grid]
+        self.launch = DirectLaunch(_gathered_decode_kernel, self.grid, self.meta, num_warps=DECODE_WARPS,
+                                   num_stages=2)
 
     @on_input_device
     def __call__(self, x: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
-        self.jit(x, self.a, self.b, index, out, **self.meta, num_warps=DECODE_WARPS, num_stages=2)
+        self.launch(x, self.a, self.b, index, out)
 
 
 def decode_launch(rows: int, a_table: torch.Tensor, b_table: torch.Tensor) -> DecodeLaunch:

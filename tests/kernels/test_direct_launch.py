@@ -1,0 +1,129 @@
+"""DirectLaunch: which calls go through the JIT and which through the bound launcher, checked with a stand-in JIT
+(the real kernel on CUDA is checked in test_gathered_lora.py)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from adapterkit.kernels import direct_launch as module
+from adapterkit.kernels.direct_launch import DirectLaunch
+
+
+class FakeCompiled:
+    def __init__(self, log):
+        self.log = log
+        self.function, self.packed_metadata = "function", "metadata"
+
+    def run(self, *args):
+        self.log.append(("direct", args))
+
+
+class FakeJit:
+    """Stands in for a @triton.jit function: `jit[grid](*args, **kw)` records the call, returns a compiled kernel."""
+
+    __name__ = "fake_kernel"
+    arg_names = ["x_ptr", "out_ptr", "K", "BN"]
+
+    def __init__(self, compiled=True):
+        self.log = []
+        self.compiled = compiled
+
+    def __getitem__(self, grid):
+        def call(*args, **kwargs):
+            self.log.append(("jit", grid, args, kwargs))
+            return FakeCompiled(self.log) if self.compiled else None
+
+        return call
+
+
+@pytest.fixture
+def bindable(monkeypatch):
+    monkeypatch.setattr(module, "driver", types.SimpleNamespace(
+        active=types.SimpleNamespace(get_current_stream=lambda index: f"stream{index}")))
+    monkeypatch.setattr(module, "_hooks_set", lambda: False)
+
+
+def test_first_call_compiles_then_the_launcher_runs(bindable):
+    jit = FakeJit()
+    launch = DirectLaunch(jit, (4, 2), {"K": 64, "BN": 32}, num_warps=8)
+    x, out = torch.zeros(8), torch.zeros(8)
+    launch(x, out)
+    launch(x, out)
+    kind, grid, args, kwargs = jit.log[0]
+    assert (kind, grid, kwargs) == ("jit", (4, 2), {"K": 64, "BN": 32, "num_warps": 8})
+    assert args[0] is x and args[1] is out
+    kind, args = jit.log[1]
+    assert kind == "direct"
+    assert args[:9] == (4, 2, 1, "stream-1", "function", "metadata", None, None, None)  # CPU tensors: device -1
+    assert args[9] is x and args[10] is out and args[11:] == (64, 32)
+    assert len(jit.log) == 2
+
+
+def test_other_specialisation_goes_through_the_jit(bindable):
+    """A tensor of another dtype or alignment than the first call's is not what the bound kernel was compiled for."""
+    jit = FakeJit()
+    launch = DirectLaunch(jit, (1,), {"K": 4, "BN": 16})
+    x, out = torch.zeros(8), torch.zeros(8)
+    launch(x, out)
+    launch(x[1:], out)  # 4 bytes off: not 16-byte aligned
+    launch(x.double(), out)
+    launch(x, out.half())
+    assert [entry[0] for entry in jit.log] == ["jit"] * 4
+    launch(torch.zeros(8), torch.zeros(8))  # fresh, aligned, same dtypes: direct again
+    assert jit.log[-1][0] == "direct"
+
+
+def test_no_compiled_kernel_or_hooks_set_never_binds(bindable, monkeypatch):
+    jit = FakeJit(compiled=False)  # Triton's interpreter returns no compiled kernel
+    launch = DirectLaunch(jit, (1,), {"K": 4, "BN": 16})
+    x = torch.zeros(4)
+    for _ in range(3):
+        launch(x, x)
+    assert [entry[0] for entry in jit.log] == ["jit"] * 3 and launch.launcher is None
+    monkeypatch.setattr(module, "_hooks_set", lambda: True)
+    jit = FakeJit()
+    launch = DirectLaunch(jit, (1,), {"K": 4, "BN": 16})
+    for _ in range(3):
+        launch(x, x)
+    assert [entry[0] for entry in jit.log] == ["jit"] * 3
+
+
+def test_a_launcher_that_refuses_its_arguments_is_dropped(bindable):
+    jit = FakeJit()
+    launch = DirectLaunch(jit, (1,), {"K": 4, "BN": 16})
+    x = torch.zeros(4)
+    launch(x, x)
+
+    def refuse(*tensors):
+        raise TypeError("function takes 13 arguments")
+
+    launch.launcher = refuse
+    launch(x, x)
+    launch(x, x)
+    assert [entry[0] for entry in jit.log] == ["jit"] * 3
+    assert launch.launcher is None
+
+
+def test_constants_must_be_the_trailing_arguments():
+    with pytest.raises(ValueError, match="fake_kernel: constants must be its trailing arguments"):
+        DirectLaunch(FakeJit(), (1,), {"BN": 16, "K": 4})
+    with pytest.raises(ValueError, match="trailing"):
+        DirectLaunch(FakeJit(), (1,), {"x_ptr": 1})
+
+
+def test_hooks_set_reads_triton_3_6_hook_chains(monkeypatch):
+    chain = types.SimpleNamespace(calls=[])
+    runtime = types.SimpleNamespace(launch_enter_hook=chain, launch_exit_hook=None)
+    monkeypatch.setattr(module, "triton", types.SimpleNamespace(knobs=types.SimpleNamespace(runtime=runtime)))
+    assert module._hooks_set() is False
+    chain.calls.append(print)
+    assert module._hooks_set() is True
+    runtime.launch_enter_hook = print  # an older Triton's plain callable
+    assert module._hooks_set() is True
+    monkeypatch.setattr(module, "triton", types.SimpleNamespace())  # no knobs: assume hooks, do not bind
+    assert module._hooks_set() is True
+    monkeypatch.setattr(module, "triton", None)
+    assert module._hooks_set() is True
