@@ -4,7 +4,8 @@ GPU (default): a randomly initialised Llama-3.2-1B-shaped model in bf16, random 
 - prefill: 32 rows x 256 tokens, 8 adapters mixed (row i -> adapter i % 8);
 - decode: 64 rows x 1 token (one forward of the new token, use_cache=False), 32 adapters mixed;
 rows: frozen base / PEFT one adapter / PEFT mixed (`adapter_names=`) / adapterkit one adapter / adapterkit mixed
-(serving table; on CUDA also the plain-PyTorch gather path), plus a CUDA-graph-captured adapterkit mixed decode step
+(serving table; forwards inside one open routed() block, whose entry and exit is timed on its own; on CUDA also each
+path forced: the Triton kernel, the plain-PyTorch gather path), plus a CUDA-graph-captured adapterkit mixed decode step
 (and the base's, for its ratio) and hot-swap latency (put from disk, put from memory). The same adapter files are
 loaded into both libraries, and the mixed outputs of the two are compared.
 `--small`: tiny shapes in fp32 on CPU, seconds. `--profile`: also break one eager decode forward of the base, of one
@@ -121,11 +122,15 @@ def main() -> None:
         paths = make_adapters(shape, dtype, device, n_adapters, r, Path(tmp))
         names = [f"a{i}" for i in range(n_adapters)]
 
-        # adapterkit: adapters loaded (for the one-adapter path) and a serving table for routed batches.
+        # adapterkit: one model with the adapters loaded (the one-adapter rows), and a second with a serving table
+        # for the routed rows, so that a routed block can stay open while the other rows run between its calls.
         akm = build(shape, dtype, device)
         for name, path in zip(names, paths):
             ak.load(akm, path, name=name)
-        table = ak.serving_table(akm, capacity=n_adapters, max_rank=r, names=names)
+        akr = build(shape, dtype, device)
+        for name, path in zip(names, paths):
+            ak.load(akr, path, name=name)
+        table = ak.serving_table(akr, capacity=n_adapters, max_rank=r, names=names)
 
         import peft
 
@@ -143,37 +148,43 @@ def main() -> None:
                 pm.set_adapter(names[0])
                 ak.set_active(akm, names[0])
 
-                def routed_call(backend="auto"):
-                    gathered._BACKEND = backend
+                def forward(model):
+                    return lambda: model(input_ids=ids, use_cache=False)
+
+                # The routed rows are forwards inside one routed() block, as a server runs its steps (a block's
+                # entry and exit is timed on its own below). Round by round, every row once per round: a change in
+                # the host's speed during the run (eager decode is bound by it) falls on every row alike.
+                cases = {"base": forward(base), "peft one adapter": forward(pm),
+                         "peft mixed": lambda: pm(input_ids=ids, use_cache=False, adapter_names=route),
+                         "adapterkit one adapter": forward(akm), "adapterkit mixed": forward(akr)}
+                with ak.routed(akr, route):
+                    ms = timer.interleaved(cases, warmup, iters)
+                    if phase == "decode" and args.profile:
+                        results["decode_profile"] = profile_rows(
+                            {label: cases[label] for label in ("base", "adapterkit one adapter", "adapterkit mixed")})
+                    got = akr(input_ids=ids, use_cache=False).logits.float()
+                # Each path forced (CUDA: the Triton kernel or the torch gather path), in a block of its own, timed
+                # in rounds with the base again; the ratio printed is against the first rounds' base.
+                for forced in ("torch", "triton") if device == "cuda" else ():
+                    gathered._BACKEND = forced
                     try:
-                        with ak.routed(akm, route):  # entering writes the route into the table's index tensor
-                            return akm(input_ids=ids, use_cache=False)
+                        with ak.routed(akr, route):
+                            own = timer.interleaved({"base": forward(base), "forced": forward(akr)}, warmup, iters)
                     finally:
                         gathered._BACKEND = "auto"
+                    ms[f"adapterkit mixed ({forced} path forced)"] = own["forced"] * ms["base"] / own["base"]
 
-                cases = {
-                    "base": lambda: base(input_ids=ids, use_cache=False),
-                    "peft one adapter": lambda: pm(input_ids=ids, use_cache=False),
-                    "peft mixed": lambda: pm(input_ids=ids, use_cache=False, adapter_names=route),
-                    "adapterkit one adapter": lambda: akm(input_ids=ids, use_cache=False),
-                    "adapterkit mixed": routed_call,  # the automatic choice
-                }
-                if device == "cuda":
-                    for forced in ("torch", "triton"):
-                        cases[f"adapterkit mixed ({forced} path forced)"] = lambda f=forced: routed_call(f)
-                # Round by round, every row once per round: a change in the host's speed during the run (eager
-                # decode is bound by it) falls on every row alike instead of on whichever row ran then.
-                ms = timer.interleaved(cases, warmup, iters)
+                def enter_and_leave():
+                    with ak.routed(akr, route):
+                        pass
+
+                ms["entering and leaving routed() (no forward)"] = timer(enter_and_leave, warmup, iters)
                 want = pm(input_ids=ids, use_cache=False, adapter_names=route).logits.float()
-                got = routed_call().logits.float()
                 results[f"{phase}_max_rel_diff_vs_peft"] = float((got - want).abs().max() / want.abs().max())
                 plain = base(input_ids=ids, use_cache=False).logits.float()
                 results[f"{phase}_adapter_effect"] = float((got - plain).abs().max() / plain.abs().max())
-                if phase == "decode" and args.profile:
-                    results["decode_profile"] = profile_rows(
-                        {label: cases[label] for label in ("base", "adapterkit one adapter", "adapterkit mixed")})
                 if phase == "decode" and device == "cuda":
-                    ms.update(graph_rows(base, akm, pm, table, ids, route, names, timer, warmup, iters))
+                    ms.update(graph_rows(base, akm, akr, pm, table, ids, route, names, timer, warmup, iters))
             results["ms"][phase] = ms
         results["hot_swap_ms"] = swap_latency(table, paths, names, device)
 
@@ -215,7 +226,7 @@ def profile_rows(cases: dict, calls: int = 5) -> dict:
     return out
 
 
-def graph_rows(base, akm, pm, table, ids, route, names, timer, warmup, iters) -> dict:
+def graph_rows(base, akm, akr, pm, table, ids, route, names, timer, warmup, iters) -> dict:
     """CUDA-graph-captured decode steps: the base; one adapter in PEFT and in adapterkit; adapterkit mixed (the route
     changed between replays)."""
     out = {}
@@ -223,7 +234,7 @@ def graph_rows(base, akm, pm, table, ids, route, names, timer, warmup, iters) ->
     ak.set_active(akm, names[0])
     for label, model, rows in (("base (CUDA graph)", base, None), ("PEFT one adapter (CUDA graph)", pm, None),
                                ("adapterkit one adapter (CUDA graph)", akm, None),
-                               ("adapterkit mixed (CUDA graph)", akm, route)):
+                               ("adapterkit mixed (CUDA graph)", akr, route)):
         try:
             ctx = ak.routed(model, rows) if rows is not None else torch.inference_mode()
             with torch.inference_mode(), ctx:
@@ -274,6 +285,9 @@ def print_table(results: dict) -> None:
         for label, value in ms.items():
             if isinstance(value, str):
                 print(f"  {label:40s} {value}")
+                continue
+            if label.startswith("entering"):
+                print(f"  {label:40s} {value:9.3f}")
                 continue
             ref = ms.get("base (CUDA graph)") if "CUDA graph" in label else base
             ratio = value / ref if isinstance(ref, float) else float("nan")
