@@ -349,7 +349,8 @@ def test_table_index_written_in_and_out_of_inference_mode():
 
 
 def test_serving_bench_small_run(tmp_path, monkeypatch):
-    """bench/serve.py --small: every row is timed (round by round) and the mixed outputs agree with PEFT's."""
+    """bench/serve.py --small: every row is timed (round by round, the routed rows inside one open block, whose
+    entry is timed on its own) and the mixed outputs agree with PEFT's."""
     import importlib.util
     import json
     import sys
@@ -365,7 +366,8 @@ def test_serving_bench_small_run(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "serve.json").read_text())
     for phase in ("prefill", "decode"):
         ms = results["ms"][phase]
-        assert set(ms) == {"base", "peft one adapter", "peft mixed", "adapterkit one adapter", "adapterkit mixed"}
+        assert set(ms) == {"base", "peft one adapter", "peft mixed", "adapterkit one adapter", "adapterkit mixed",
+                           "entering and leaving routed() (no forward)"}
         assert all(isinstance(v, float) and v > 0 for v in ms.values())
         assert results[f"{phase}_max_rel_diff_vs_peft"] < 1e-5  # fp32: the same answer as PEFT's mixed batch
         assert results[f"{phase}_adapter_effect"] > 1e-3  # and the adapters change it

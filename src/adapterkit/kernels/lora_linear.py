@@ -18,6 +18,7 @@ the compiler fuses the hash into the ops that apply the mask.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -217,7 +218,8 @@ def lora_infer(
     """`lora_linear` without gradients or dropout (serving, decode): the three GEMMs and nothing else.
 
     Decode steps are bound by the host issuing kernels, so this is the shortest path from the layer call to them: one
-    dtype check, one autocast check, then x·Aᵀ, s·(x·Aᵀ)·Bᵀ (+ bias) and x·Wᵀ accumulated onto it. Anything else
+    dtype check, one autocast check, then on CUDA in eager mode one Triton launch for the whole layer
+    (`_triton_lora_decode`), elsewhere x·Aᵀ, s·(x·Aᵀ)·Bᵀ (+ bias) and x·Wᵀ accumulated onto it. Anything else
     (mixed dtypes, autocast, gradients enabled) goes through `lora_linear`.
     """
     dtype = x.dtype
@@ -226,6 +228,9 @@ def lora_infer(
         return lora_linear(x, weight, bias, lora_a, lora_b, scaling)
     x2d = x.flatten(0, -2) if x.dim() != 2 else x  # (N, in)
     if x2d.shape[0] <= _SMALL_ROWS:
+        out = _decode_kernel(x2d, weight, bias, lora_a, lora_b, scaling) if x.is_cuda else None
+        if out is not None:  # eager decode on CUDA: one launch for the whole layer
+            return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
         # Decode-sized: the base GEMM first, the rank-r product accumulated onto it (fewest host calls).
         out = F.linear(x2d, weight, bias)
         out.addmm_(F.linear(x2d, lora_a), lora_b.t(), alpha=scaling)
@@ -239,6 +244,29 @@ def lora_infer(
 
 # Rows up to which the inference path issues the base GEMM first (decode); above it, the rank-r product first.
 _SMALL_ROWS = 512
+_decode_failed = False  # the decode kernel failed once here (a Triton that cannot compile it): cuBLAS from then on
+
+
+def _decode_kernel(x2d, weight, bias, lora_a, lora_b, scaling) -> torch.Tensor | None:
+    """The whole layer as one Triton launch (`_triton_lora_decode`), or None where it does not apply: the torch
+    backend chosen, fp32, more rows than the kernel takes, non-contiguous operands, while a CUDA graph is captured or
+    under torch.compile (there the kernel count, not the host, sets the time: cuBLAS), or no usable Triton."""
+    global _decode_failed
+    if (_backend == "torch" or _decode_failed or x2d.dtype not in (torch.bfloat16, torch.float16)
+            or torch.compiler.is_compiling() or (x2d.is_cuda and torch.cuda.is_current_stream_capturing())):
+        return None
+    mod = kernels("_triton_lora_decode")
+    if (mod is None or x2d.shape[0] > mod.MAX_ROWS or not x2d.is_contiguous() or not weight.is_contiguous()
+            or not lora_a.is_contiguous() or not lora_b.is_contiguous()
+            or (bias is not None and (bias.dtype is not x2d.dtype or not bias.is_contiguous()))):
+        return None
+    try:
+        return mod.lora_decode(x2d, weight, bias, lora_a, lora_b, scaling)
+    except Exception as exc:  # the cuBLAS path below is always correct
+        _decode_failed = True
+        warnings.warn(f"LoRA decode kernel failed ({type(exc).__name__}: {exc}); using cuBLAS.", RuntimeWarning,
+                      stacklevel=3)
+        return None
 
 
 def lora_linear(
