@@ -10,9 +10,10 @@ h Bᵀ) where the base needs one; this kernel is one launch, and after its first
 Each program computes BN output columns for BM rows: it walks K once, accumulating x Wᵀ and h = x Aᵀ (A is read by
 every program, R·K elements from L2 beside its BN·K slice of W), rounds h to the adapter dtype as the unfused
 layer's lora_A output is rounded, and adds s·h Bᵀ and the bias before its one store. Output blocks are narrow
-(16-128 columns) so that even a 512-wide projection gets 32 programs. The kernel is not as fast as cuBLAS on the
-GPU, which an eager step does not notice (the GPU waits for the host); while a CUDA graph is captured the host drops
-out, so the caller keeps cuBLAS there. Imported only where Triton can run, by `lora_linear.py`.
+(16-128 columns) so that even a 512-wide projection gets 32 programs. The blocks are chosen for eager decode, where
+the GPU waits for the host; while a CUDA graph is captured the host drops out and GPU time decides, and there the
+caller keeps cuBLAS (the kernel's GPU time has not been measured against it). Imported only where Triton can run, by
+`lora_linear.py`.
 """
 
 from __future__ import annotations
