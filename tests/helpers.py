@@ -5,6 +5,8 @@ Every builder seeds torch, so two calls give the same weights: one copy goes to 
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -162,3 +164,11 @@ def train_with(model: nn.Module, after_step=None, steps: int = 12, lr: float = 1
         losses.append(float(loss.detach()))
     model.eval()
     return losses
+
+
+def triton_device() -> str | None:
+    """Where this process can run the Triton kernels: "cuda" on a GPU, "cpu" under Triton's interpreter
+    (`TRITON_INTERPRET=1`, with triton installed), else None (those tests skip)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None

@@ -6,7 +6,6 @@ on a CPU under Triton's interpreter (`TRITON_INTERPRET=1` with triton installed)
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from adapterkit.errors import ConfigError
+from helpers import triton_device
 from adapterkit.kernels import gathered_lora as module
 from adapterkit.kernels.gathered_lora import (
     RoutedLinear,
@@ -24,12 +24,7 @@ from adapterkit.kernels.gathered_lora import (
 )
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"  # Triton's interpreter runs the kernels on CPU tensors
-else:
-    DEVICE = None
+DEVICE = triton_device()  # "cpu": Triton's interpreter runs the kernels on CPU tensors
 kernel_device = pytest.mark.skipif(DEVICE is None, reason="the Triton kernels need CUDA (or TRITON_INTERPRET=1)")
 
 

@@ -8,7 +8,6 @@ those tests skip; the dispatch tests need CUDA, except the failure path, which a
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 
 import pytest
@@ -16,16 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from adapterkit.kernels.lora_linear import lora_infer
+from helpers import triton_device
 
 module = importlib.import_module("adapterkit.kernels.lora_linear")  # the package exports a function of that name
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"  # Triton's interpreter runs the kernel on CPU tensors
-else:
-    DEVICE = None
+DEVICE = triton_device()  # "cpu": Triton's interpreter runs the kernel on CPU tensors
 kernel_device = pytest.mark.skipif(DEVICE is None, reason="the Triton kernel needs CUDA (or TRITON_INTERPRET=1)")
 # Triton 3.6's interpreter returns garbage for tl.dot on bf16 tiles (test_gathered_lora.py says the same), so on a
 # CPU the kernel runs in fp16; bf16 runs on CUDA.
@@ -99,19 +94,27 @@ def test_new_scale_or_shape_is_a_new_launch(kernels):
     assert not torch.equal(one, two)
 
 
-def test_a_failing_kernel_warns_once_and_cublas_answers(monkeypatch):
-    """A Triton that cannot compile the kernel: one RuntimeWarning, then the composition, now and from then on."""
+def stand_in(monkeypatch, answer, max_rows=128) -> list:
+    """Replace the kernel module with one whose lora_decode returns `answer` (or raises it); returns its call log."""
     calls = []
 
-    class Broken:
-        MAX_ROWS = 128
+    class Kernels:
+        MAX_ROWS = max_rows
 
         def lora_decode(self, *args):
             calls.append(1)
-            raise RuntimeError("PTX assembly failed")
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
 
-    monkeypatch.setattr(module, "kernels", lambda name: Broken())
+    monkeypatch.setattr(module, "kernels", lambda name: Kernels())
     monkeypatch.setattr(module, "_decode_failed", False)
+    return calls
+
+
+def test_a_failing_kernel_warns_once_and_cublas_answers(monkeypatch):
+    """A Triton that cannot compile the kernel: one RuntimeWarning, then the composition, now and from then on."""
+    calls = stand_in(monkeypatch, RuntimeError("PTX assembly failed"))
     x, w, b, a, bb = operands(4, 32, 24, 4, torch.bfloat16, "cpu")
     with pytest.warns(RuntimeWarning, match="LoRA decode kernel failed \\(RuntimeError: PTX assembly failed\\)"):
         assert module._decode_kernel(x, w, b, a, bb, 1.0) is None
@@ -123,17 +126,7 @@ def test_a_failing_kernel_warns_once_and_cublas_answers(monkeypatch):
 
 def test_what_the_kernel_does_not_take_is_left_to_cublas(monkeypatch):
     """fp32, more rows than MAX_ROWS, non-contiguous operands, a bias of another dtype, the torch backend."""
-    calls = []
-
-    class Counting:
-        MAX_ROWS = 8
-
-        def lora_decode(self, *args):
-            calls.append(1)
-            return "kernel"
-
-    monkeypatch.setattr(module, "kernels", lambda name: Counting())
-    monkeypatch.setattr(module, "_decode_failed", False)
+    calls = stand_in(monkeypatch, "kernel", max_rows=8)
     x, w, b, a, bb = operands(4, 32, 24, 4, torch.bfloat16, "cpu")
     assert module._decode_kernel(x, w, b, a, bb, 1.0) == "kernel"
     refused = [
