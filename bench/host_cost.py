@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
                 b_tab = torch.zeros(4, WIDTH, RANK, device=dev, dtype=dt)
                 index = torch.zeros(ROWS, device=dev, dtype=torch.long)
                 run = tg.decode_launch(ROWS, a_tab, b_tab)
-                via_jit = run.launch.jit
+                via_jit = run.launch.jit[run.grid]
                 rows.append(("Triton launch: gathered decode, through the JIT", per_call_us(
                     lambda: via_jit(x, a_tab, b_tab, index, x, **run.meta, **run.launch.options), 2 * args.calls)))
                 rows.append(("Triton launch: gathered decode, direct (as served)",

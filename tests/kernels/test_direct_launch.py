@@ -1,5 +1,5 @@
-"""DirectLaunch: which calls go through the JIT and which through the bound launcher, checked with a stand-in JIT
-(the real kernel on CUDA is checked in test_gathered_lora.py)."""
+"""DirectLaunch: which calls go through the JIT and which through a bound launcher, checked with a stand-in JIT
+(the real kernels on CUDA are checked in test_gathered_lora.py and test_lora_decode.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class FakeJit:
     """Stands in for a @triton.jit function: `jit[grid](*args, **kw)` records the call, returns a compiled kernel."""
 
     __name__ = "fake_kernel"
-    arg_names = ["x_ptr", "out_ptr", "K", "BN"]
+    arg_names = ["x_ptr", "out_ptr", "M", "K", "BN"]
 
     def __init__(self, compiled=True):
         self.log = []
@@ -46,72 +46,86 @@ def bindable(monkeypatch):
     monkeypatch.setattr(module, "_hooks_set", lambda: False)
 
 
+def kinds(jit):
+    return [entry[0] for entry in jit.log]
+
+
 def test_first_call_compiles_then_the_launcher_runs(bindable):
     jit = FakeJit()
-    launch = DirectLaunch(jit, (4, 2), {"K": 64, "BN": 32}, num_warps=8)
+    launch = DirectLaunch(jit, {"K": 64, "BN": 32}, num_warps=8)
     x, out = torch.zeros(8), torch.zeros(8)
-    launch(x, out)
-    launch(x, out)
+    launch((4, 2), x, out, 8)
+    launch((5,), x, out, 8)
     kind, grid, args, kwargs = jit.log[0]
     assert (kind, grid, kwargs) == ("jit", (4, 2), {"K": 64, "BN": 32, "num_warps": 8})
-    assert args[0] is x and args[1] is out
+    assert args[0] is x and args[1] is out and args[2] == 8
     kind, args = jit.log[1]
     assert kind == "direct"
-    assert args[:9] == (4, 2, 1, "stream-1", "function", "metadata", None, None, None)  # CPU tensors: device -1
-    assert args[9] is x and args[10] is out and args[11:] == (64, 32)
+    assert args[:9] == (5, 1, 1, "stream-1", "function", "metadata", None, None, None)  # CPU tensors: device -1
+    assert args[9] is x and args[10] is out and args[11:] == (8, 64, 32)
     assert len(jit.log) == 2
 
 
-def test_other_specialisation_goes_through_the_jit(bindable):
-    """A tensor of another dtype or alignment than the first call's is not what the bound kernel was compiled for."""
+def test_each_specialisation_compiles_once_then_runs_direct(bindable):
+    """Another dtype, alignment or int class is another compiled kernel: its first call goes through the JIT, its
+    later ones run direct; ints of one class (not 1, same divisibility by 16) share a kernel."""
     jit = FakeJit()
-    launch = DirectLaunch(jit, (1,), {"K": 4, "BN": 16})
+    launch = DirectLaunch(jit, {"K": 4, "BN": 16})
     x, out = torch.zeros(8), torch.zeros(8)
-    launch(x, out)
-    launch(x[1:], out)  # 4 bytes off: not 16-byte aligned
-    launch(x.double(), out)
-    launch(x, out.half())
-    assert [entry[0] for entry in jit.log] == ["jit"] * 4
-    launch(torch.zeros(8), torch.zeros(8))  # fresh, aligned, same dtypes: direct again
-    assert jit.log[-1][0] == "direct"
+    calls = [(x, out, 8), (x, out, 24), (x[1:], out, 8), (x.double(), out, 8), (x, out.half(), 8), (x, out, 1),
+             (x, out, 32), (x, out, 2**33)]
+    for args in calls:
+        launch((1,), *args)
+    assert kinds(jit) == ["jit", "direct", "jit", "jit", "jit", "jit", "jit", "jit"]
+    for args in calls:
+        launch((1,), *args)
+    assert kinds(jit)[8:] == ["direct"] * 8
+    assert len(launch.launchers) == 7
 
 
 def test_no_compiled_kernel_or_hooks_set_never_binds(bindable, monkeypatch):
     jit = FakeJit(compiled=False)  # Triton's interpreter returns no compiled kernel
-    launch = DirectLaunch(jit, (1,), {"K": 4, "BN": 16})
+    launch = DirectLaunch(jit, {"K": 4, "BN": 16})
     x = torch.zeros(4)
     for _ in range(3):
-        launch(x, x)
-    assert [entry[0] for entry in jit.log] == ["jit"] * 3 and launch.launcher is None
+        launch((1,), x, x, 4)
+    assert kinds(jit) == ["jit"] * 3
     monkeypatch.setattr(module, "_hooks_set", lambda: True)
     jit = FakeJit()
-    launch = DirectLaunch(jit, (1,), {"K": 4, "BN": 16})
+    launch = DirectLaunch(jit, {"K": 4, "BN": 16})
     for _ in range(3):
-        launch(x, x)
-    assert [entry[0] for entry in jit.log] == ["jit"] * 3
+        launch((1,), x, x, 4)
+    assert kinds(jit) == ["jit"] * 3
+    jit = FakeJit()  # no tensor first: nothing to take the stream's device from
+    launch = DirectLaunch(jit, {"K": 4, "BN": 16})
+    monkeypatch.setattr(module, "_hooks_set", lambda: False)
+    for _ in range(2):
+        launch((1,), 4, x, 4)
+    assert kinds(jit) == ["jit"] * 2
 
 
 def test_a_launcher_that_refuses_its_arguments_is_dropped(bindable):
     jit = FakeJit()
-    launch = DirectLaunch(jit, (1,), {"K": 4, "BN": 16})
+    launch = DirectLaunch(jit, {"K": 4, "BN": 16})
     x = torch.zeros(4)
-    launch(x, x)
+    launch((1,), x, x, 4)
+    (key,) = launch.launchers
 
-    def refuse(*tensors):
+    def refuse(grid, args):
         raise TypeError("function takes 13 arguments")
 
-    launch.launcher = refuse
-    launch(x, x)
-    launch(x, x)
-    assert [entry[0] for entry in jit.log] == ["jit"] * 3
-    assert launch.launcher is None
+    launch.launchers[key] = refuse
+    launch((1,), x, x, 4)
+    launch((1,), x, x, 4)
+    assert kinds(jit) == ["jit"] * 3
+    assert launch.launchers[key] is None
 
 
 def test_constants_must_be_the_trailing_arguments():
     with pytest.raises(ValueError, match="fake_kernel: constants must be its trailing arguments"):
-        DirectLaunch(FakeJit(), (1,), {"BN": 16, "K": 4})
+        DirectLaunch(FakeJit(), {"BN": 16, "K": 4})
     with pytest.raises(ValueError, match="trailing"):
-        DirectLaunch(FakeJit(), (1,), {"x_ptr": 1})
+        DirectLaunch(FakeJit(), {"M": 1})
 
 
 def test_hooks_set_reads_triton_3_6_hook_chains(monkeypatch):

@@ -148,12 +148,11 @@ class DecodeLaunch:
         self.a, self.b = a_table, b_table
         self.grid = (rows, splits)
         self.meta = dict(K=n_in, N=n_out, R=r, BR=br, BK=bk, BN=bn, CHUNKS=chunks)
-        self.launch = DirectLaunch(_gathered_decode_kernel, self.grid, self.meta, num_warps=DECODE_WARPS,
-                                   num_stages=2)
+        self.launch = DirectLaunch(_gathered_decode_kernel, self.meta, num_warps=DECODE_WARPS, num_stages=2)
 
     @on_input_device
     def __call__(self, x: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
-        self.launch(x, self.a, self.b, index, out)
+        self.launch(self.grid, x, self.a, self.b, index, out)
 
 
 def decode_launch(rows: int, a_table: torch.Tensor, b_table: torch.Tensor) -> DecodeLaunch:

@@ -31,12 +31,13 @@ MAX_ROWS = 128  # above this a step is no longer launch-bound enough for the ker
 
 @triton.jit
 def _lora_decode_kernel(
-    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, out_ptr,
-    M: tl.constexpr, N: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
+    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, out_ptr, M,
+    N: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
     SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
-    # x (M, K), w (N, K), a (R, K), b (N, R), bias (N,), out (M, N): all contiguous, one dtype.
+    # x (M, K), w (N, K), a (R, K), b (N, R), bias (N,), out (M, N): all contiguous, one dtype. M is a runtime
+    # argument (one compiled kernel serves every batch size of a block size); the layer's sizes are constexpr.
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     offs_r = tl.arange(0, BR)  # rank, padded to a power of two >= 16, masked beyond R
@@ -63,17 +64,18 @@ def _lora_decode_kernel(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-_launches: dict[tuple, DirectLaunch] = {}  # (M, N, K, R, scale, has bias) -> the bound launch
+# (BM, N, K, R, scale, has bias) -> (the bound launch, output blocks): one compiled kernel per layer shape and
+# block of rows (16, 32 or 64), whatever the batch size within it.
+_launches: dict[tuple, tuple[DirectLaunch, int]] = {}
+_warmed: set[tuple] = set()  # (that key, rows) whose cuBLAS composition has run once (see lora_decode)
 
 
-def _new_launch(m: int, n: int, k: int, r: int, scale: float, has_bias: bool) -> DirectLaunch:
-    bm = max(16, min(64, triton.next_power_of_2(m)))
+def _new_launch(bm: int, n: int, k: int, r: int, scale: float, has_bias: bool) -> tuple[DirectLaunch, int]:
     bn = max(16, min(128, triton.next_power_of_2(triton.cdiv(n, 128))))  # about 128 programs per row block
     bk = 256 if bn <= 32 else 128  # a narrow W slice: longer K steps keep enough bytes in flight
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    meta = dict(M=m, N=n, K=k, R=r, BM=bm, BN=bn, BK=bk, BR=max(16, triton.next_power_of_2(r)),
-                SCALE=float(scale), HAS_BIAS=has_bias)
-    return DirectLaunch(_lora_decode_kernel, grid, meta, num_warps=4, num_stages=3)
+    meta = dict(N=n, K=k, R=r, BM=bm, BN=bn, BK=bk, BR=max(16, triton.next_power_of_2(r)), SCALE=float(scale),
+                HAS_BIAS=has_bias)
+    return DirectLaunch(_lora_decode_kernel, meta, num_warps=4, num_stages=3), triton.cdiv(n, bn)
 
 
 @on_input_device
@@ -83,13 +85,17 @@ def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     M ≤ MAX_ROWS (the caller checks)."""
     m, k = x.shape
     n, r = lora_b.shape
-    key = (m, n, k, r, scaling, bias is not None)
-    launch = _launches.get(key)
-    if launch is None:
-        launch = _launches[key] = _new_launch(*key)
+    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+    key = (bm, n, k, r, scaling, bias is not None)
+    entry = _launches.get(key)
+    if entry is None:
+        entry = _launches[key] = _new_launch(*key)
+    if (key, m) not in _warmed:
         # The cuBLAS ops the caller issues instead while a CUDA graph is captured, run once for this shape now: a
         # capture then finds their kernels loaded (CUDA loads kernels lazily, and a capture cannot always load one).
+        _warmed.add((key, m))
         F.linear(x, weight, bias).addmm_(F.linear(x, lora_a), lora_b.t(), alpha=scaling)
+    launch, n_blocks = entry
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    launch(x, weight, lora_a, lora_b, out if bias is None else bias, out)
+    launch(((m + bm - 1) // bm, n_blocks), x, weight, lora_a, lora_b, out if bias is None else bias, out, m)
     return out

@@ -1,15 +1,17 @@
 """Launching an already compiled Triton kernel again without the JIT's per-call work.
 
-`kernel[grid](*args)` binds the arguments, computes each one's specialisation (dtype, 16-byte alignment), hashes them
-into a cache key, looks the compiled kernel up and checks the globals it read, then launches it. At decode sizes
-that host work is most of a launch's cost (bench/host_cost.py: about 30 µs on an H200's host for a launch whose
-kernel runs for 3 µs), and eager decode is bound by the host. A launch bound here keeps the compiled kernel of its
-first call and calls its launcher directly for as long as the runtime tensors keep the specialisation that kernel
-was compiled for (device, dtypes, alignment); anything else goes back through `kernel[grid]`.
+`kernel[grid](*args)` binds the arguments, computes each one's specialisation (dtype, 16-byte alignment, an int's
+divisibility by 16), hashes them into a cache key, looks the compiled kernel up and checks the globals it read, then
+launches it. At decode sizes that host work is most of a launch's cost (bench/host_cost.py: 26 µs through the JIT,
+16 µs direct, on an H200's host), and eager decode is bound by the host. A `DirectLaunch` keeps, per specialisation
+of its runtime arguments, the compiled kernel of the first call that had it, and calls that kernel's launcher
+directly on later calls with the same specialisation.
 
-Only for kernels whose non-tensor arguments are all compile-time constants (nothing else is re-specialised here), and
-only without Triton's launch hooks (a profiler's), which the direct path would skip. Without Triton installed the
-module still imports (its binding logic is tested on any machine) and never binds.
+The key is kept on the safe side of Triton's own: per tensor its device, dtype and whether its pointer is 16-byte
+aligned; per int whether it is 1, whether it divides by 16 and whether it fits 32 bits. Constexpr arguments are fixed
+per `DirectLaunch`. Nothing is bound where Triton's launch hooks (a profiler's) are set, which the direct path would
+skip, or where the compiled object has no launcher (the interpreter, another Triton version). Without Triton
+installed the module still imports (its binding logic is tested on any machine) and never binds.
 """
 
 from __future__ import annotations
@@ -24,11 +26,20 @@ try:
 except ImportError:  # no Triton here: every call goes through `jit[grid]`, which then is not Triton's either
     triton = driver = None
 
-_ALIGN = 16  # the pointer divisibility Triton specialises on
+_ALIGN = 16  # the pointer and int divisibility Triton specialises on
+_UNSEEN = object()
 
 
-def _key(tensors: tuple[torch.Tensor, ...]) -> tuple:
-    return tuple((t.get_device(), t.dtype, t.data_ptr() % _ALIGN == 0) for t in tensors)
+def _key(args: tuple) -> tuple:
+    key = []
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            key.append((arg.get_device(), arg.dtype, arg.data_ptr() % _ALIGN == 0))
+        elif type(arg) is int:
+            key.append((arg == 1, arg % _ALIGN == 0, -(2**31) <= arg < 2**31))
+        else:
+            key.append(type(arg))
+    return tuple(key)
 
 
 def _hooks_set() -> bool:
@@ -45,54 +56,51 @@ def _hooks_set() -> bool:
 
 
 class DirectLaunch:
-    """`launch(*tensors)`: the kernel `jit` on `grid` with the tensors first and `constants` (the constexpr
-    arguments, by name) after them.
+    """`launch(grid, *args)`: the kernel `jit` on `grid` with the runtime arguments `args` (a tensor first) and
+    `constants` (the constexpr arguments, by name, which must be the kernel's last ones) after them.
 
-    The first call, and any call whose tensors differ in device, dtype or alignment from the first, goes through
-    `jit[grid]`; the others call the compiled kernel's launcher with the current stream. A launcher that refuses
-    its arguments is dropped for good.
+    The first call of each specialisation of `args` goes through `jit[grid]`; the later ones call the compiled
+    kernel's launcher with the current stream of the first argument's device. A launcher that refuses its arguments
+    is dropped for good (that specialisation goes through the JIT from then on).
     """
 
-    def __init__(self, jit, grid: tuple[int, ...], constants: dict, **options) -> None:
+    def __init__(self, jit, constants: dict, **options) -> None:
         names = jit.arg_names
-        self.n_tensors = len(names) - len(constants)
-        if tuple(names[self.n_tensors:]) != tuple(constants):
+        if tuple(names[len(names) - len(constants):]) != tuple(constants):
             raise ValueError(f"{jit.__name__}: constants must be its trailing arguments in order, {names}")
-        self.jit = jit[grid]
-        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.jit = jit
         self.constants = dict(constants)
         self.values = tuple(constants.values())
         self.options = options
-        self.key: tuple | None = None  # the specialisation the bound launcher was compiled for
-        self.launcher: Callable | None = None
+        self.launchers: dict[tuple, Callable | None] = {}  # specialisation -> launcher (None: the JIT's)
 
-    def __call__(self, *tensors: torch.Tensor) -> None:
-        launcher = self.launcher
-        if launcher is not None and _key(tensors) == self.key:
+    def __call__(self, grid: tuple[int, ...], *args) -> None:
+        key = _key(args)
+        launcher = self.launchers.get(key, _UNSEEN)
+        if launcher is not None and launcher is not _UNSEEN:
             try:
-                launcher(*tensors)
+                launcher(grid, args)
                 return
             except TypeError:  # the launcher refused its arguments (nothing was launched): the JIT from now on
-                self.launcher = None
-        compiled = self.jit(*tensors, **self.constants, **self.options)
-        if self.launcher is None and self.key is None:
-            self.key = _key(tensors)
-            self.launcher = self._bind(compiled)
+                self.launchers[key] = launcher = None
+        compiled = self.jit[grid](*args, **self.constants, **self.options)
+        if launcher is _UNSEEN:
+            self.launchers[key] = self._bind(compiled, args)
 
-    def _bind(self, compiled) -> Callable | None:
-        """A direct launcher for what `jit[grid](...)` returned, or None where this Triton's compiled kernel does not
-        offer one (another version's internals, the interpreter) or launch hooks are set."""
+    def _bind(self, compiled, args: tuple) -> Callable | None:
+        """A direct launcher for what `jit[grid](...)` returned, or None (see the module docstring)."""
         try:
             run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
         except AttributeError:
             return None
-        if _hooks_set():
+        if _hooks_set() or not args or not isinstance(args[0], torch.Tensor):
             return None
-        g0, g1, g2 = self.grid
         values = self.values
         stream = driver.active.get_current_stream
 
-        def launch(*tensors: torch.Tensor) -> None:
-            run(g0, g1, g2, stream(tensors[0].get_device()), function, metadata, None, None, None, *tensors, *values)
+        def launch(grid: tuple[int, ...], args: tuple) -> None:
+            n = len(grid)
+            run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream(args[0].get_device()), function,
+                metadata, None, None, None, *args, *values)
 
         return launch
