@@ -139,6 +139,9 @@ def test_what_the_kernel_does_not_take_is_left_to_cublas(monkeypatch):
     ]
     for args in refused:
         assert module._decode_kernel(*args, 1.0) is None
+    huge = torch.empty(2**31, dtype=torch.bfloat16, device="meta").as_strided((2**20, 2**11), (2**11, 1))
+    assert module._decode_kernel(x[:, :1].expand(4, 2**11).contiguous(), huge, None, a[:, :1].expand(4, 2**11)
+                                 .contiguous(), bb, 1.0) is None  # int32 indexing: refused by its size
     monkeypatch.setattr(module, "_backend", "torch")
     assert module._decode_kernel(x, w, b, a, bb, 1.0) is None
     assert calls == [1]

@@ -249,14 +249,16 @@ _decode_failed = False  # the decode kernel failed once here (a Triton that cann
 
 def _decode_kernel(x2d, weight, bias, lora_a, lora_b, scaling) -> torch.Tensor | None:
     """The whole layer as one Triton launch (`_triton_lora_decode`), or None where it does not apply: the torch
-    backend chosen, fp32, more rows than the kernel takes, non-contiguous operands, while a CUDA graph is captured or
-    under torch.compile (there the kernel count, not the host, sets the time: cuBLAS), or no usable Triton."""
+    backend chosen, fp32, more rows than the kernel takes, a weight of 2³¹ elements or more, non-contiguous operands,
+    while a CUDA graph is captured or under torch.compile (there the kernel count, not the host, sets the time:
+    cuBLAS), or no usable Triton."""
     global _decode_failed
     if (_backend == "torch" or _decode_failed or x2d.dtype not in (torch.bfloat16, torch.float16)
             or torch.compiler.is_compiling() or (x2d.is_cuda and torch.cuda.is_current_stream_capturing())):
         return None
     mod = kernels("_triton_lora_decode")
-    if (mod is None or x2d.shape[0] > mod.MAX_ROWS or not x2d.is_contiguous() or not weight.is_contiguous()
+    if (mod is None or x2d.shape[0] > mod.MAX_ROWS or weight.numel() >= 2**31  # the kernel indexes with int32
+            or not x2d.is_contiguous() or not weight.is_contiguous()
             or not lora_a.is_contiguous() or not lora_b.is_contiguous()
             or (bias is not None and (bias.dtype is not x2d.dtype or not bias.is_contiguous()))):
         return None
