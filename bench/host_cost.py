@@ -89,6 +89,18 @@ def training_rows(kind: str, x: torch.Tensor, calls: int) -> list[tuple[str, flo
     return rows
 
 
+class Rows(list):
+    """The table's rows, each printed as it is added: a run cut short by a time limit still shows what it measured."""
+
+    def append(self, row: tuple[str, float]) -> None:
+        super().append(row)
+        print(f"  {row[0]:<52} {row[1]:8.1f} us", flush=True)
+
+    def extend(self, rows) -> None:
+        for row in rows:
+            self.append(row)
+
+
 def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="time the CPU paths (no CUDA, no Triton, no 4-bit rows)")
@@ -99,7 +111,10 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
     dev, dt = ("cpu", torch.float32) if args.cpu else ("cuda", torch.bfloat16)
     x = torch.randn(ROWS, WIDTH, device=dev, dtype=dt)
     w = torch.randn(WIDTH, WIDTH, device=dev, dtype=dt)
-    rows: list[tuple[str, float]] = []
+    name = "CPU" if args.cpu else torch.cuda.get_device_name()
+    print(f"# host cost per call, {name}, torch {torch.__version__}, {str(dt)[6:]}, {ROWS}x{WIDTH}, r={RANK}, "
+          f"stack of {STACK}", flush=True)
+    rows = Rows()
     with torch.no_grad():
         rows.append(("torch op: x.mul_(1)", per_call_us(lambda: x.mul_(1.0), 2 * args.calls)))
         rows.append(("torch op: F.linear(x, W)", per_call_us(lambda: F.linear(x, w), 2 * args.calls)))
@@ -135,12 +150,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
         with torch.no_grad():
             rows.append((f"no_grad, one layer: {kind}", per_call_us(lambda: model(x), args.calls)))
         rows.extend(training_rows(kind, x, args.calls))  # the frozen base too: its input needs grad
-    name = "CPU" if args.cpu else torch.cuda.get_device_name()
-    print(f"# host cost per call, {name}, torch {torch.__version__}, {str(dt)[6:]}, {ROWS}x{WIDTH}, r={RANK}, "
-          f"stack of {STACK}")
-    for label, us in rows:
-        print(f"  {label:<52} {us:8.1f} us")
-    return rows
+    return list(rows)
 
 
 if __name__ == "__main__":
