@@ -64,6 +64,14 @@ def make_adapters(shape, dtype, device, n, r, root: Path) -> list[Path]:
     return paths
 
 
+def with_adapters(shape, dtype, device, names, paths):
+    """A fresh base with every adapter loaded from its PEFT directory."""
+    model = build(shape, dtype, device)
+    for name, path in zip(names, paths):
+        ak.load(model, path, name=name)
+    return model
+
+
 class Timer:
     def __init__(self, device):
         self.cuda = device == "cuda"
@@ -124,12 +132,7 @@ def main() -> None:
 
         # adapterkit: one model with the adapters loaded (the one-adapter rows), and a second with a serving table
         # for the routed rows, so that a routed block can stay open while the other rows run between its calls.
-        akm = build(shape, dtype, device)
-        for name, path in zip(names, paths):
-            ak.load(akm, path, name=name)
-        akr = build(shape, dtype, device)
-        for name, path in zip(names, paths):
-            ak.load(akr, path, name=name)
+        akm, akr = (with_adapters(shape, dtype, device, names, paths) for _ in range(2))
         table = ak.serving_table(akr, capacity=n_adapters, max_rank=r, names=names)
 
         import peft

@@ -125,6 +125,18 @@ def test_a_failing_kernel_warns_once_and_cublas_answers(monkeypatch):
     assert calls == [1]
 
 
+def test_the_cublas_path_runs_once_per_new_shape_before_the_kernel(monkeypatch):
+    """So that a CUDA graph captured later (which takes cuBLAS) finds its kernels loaded."""
+    calls = stand_in(monkeypatch, "kernel")
+    warmed = []
+    monkeypatch.setattr(module, "_decode_shapes", set())
+    monkeypatch.setattr(module, "_decode_cublas", lambda x, *rest: warmed.append(x.shape[0]))
+    x, w, b, a, bb = operands(6, 32, 24, 4, torch.bfloat16, "cpu")
+    for rows in (6, 6, 3, 6, 3):
+        assert module._decode_kernel(x[:rows], w, b, a, bb, 1.0) == "kernel"
+    assert warmed == [6, 3] and len(calls) == 5
+
+
 def test_what_the_kernel_does_not_take_is_left_to_cublas(monkeypatch):
     """fp32, more rows than MAX_ROWS, non-contiguous operands, a bias of another dtype, the torch backend."""
     calls = stand_in(monkeypatch, "kernel", max_rows=8)

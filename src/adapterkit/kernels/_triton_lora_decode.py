@@ -19,7 +19,6 @@ caller keeps cuBLAS (the kernel's GPU time has not been measured against it). Im
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -67,7 +66,6 @@ def _lora_decode_kernel(
 # (BM, N, K, R, scale, has bias) -> (the bound launch, output blocks): one compiled kernel per layer shape and
 # block of rows (16, 32 or 64), whatever the batch size within it.
 _launches: dict[tuple, tuple[DirectLaunch, int]] = {}
-_warmed: set[tuple] = set()  # (that key, rows) whose cuBLAS composition has run once (see lora_decode)
 
 
 def _new_launch(bm: int, n: int, k: int, r: int, scale: float, has_bias: bool) -> tuple[DirectLaunch, int]:
@@ -90,11 +88,6 @@ def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     entry = _launches.get(key)
     if entry is None:
         entry = _launches[key] = _new_launch(*key)
-    if (key, m) not in _warmed:
-        # The cuBLAS ops the caller issues instead while a CUDA graph is captured, run once for this shape now: a
-        # capture then finds their kernels loaded (CUDA loads kernels lazily, and a capture cannot always load one).
-        _warmed.add((key, m))
-        F.linear(x, weight, bias).addmm_(F.linear(x, lora_a), lora_b.t(), alpha=scaling)
     launch, n_blocks = entry
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     launch(((m + bm - 1) // bm, n_blocks), x, weight, lora_a, lora_b, out if bias is None else bias, out, m)

@@ -229,11 +229,8 @@ def lora_infer(
     x2d = x.flatten(0, -2) if x.dim() != 2 else x  # (N, in)
     if x2d.shape[0] <= _SMALL_ROWS:
         out = _decode_kernel(x2d, weight, bias, lora_a, lora_b, scaling) if x.is_cuda else None
-        if out is not None:  # eager decode on CUDA: one launch for the whole layer
-            return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
-        # Decode-sized: the base GEMM first, the rank-r product accumulated onto it (fewest host calls).
-        out = F.linear(x2d, weight, bias)
-        out.addmm_(F.linear(x2d, lora_a), lora_b.t(), alpha=scaling)
+        if out is None:
+            out = _decode_cublas(x2d, weight, bias, lora_a, lora_b, scaling)
     else:
         # Prefill-sized: s·(x·Aᵀ)·Bᵀ (+ bias) written first, x·Wᵀ accumulated in the base GEMM's epilogue (an
         # (N, out) read-modify-write saved: bench/NOTES.md).
@@ -245,6 +242,13 @@ def lora_infer(
 # Rows up to which the inference path issues the base GEMM first (decode); above it, the rank-r product first.
 _SMALL_ROWS = 512
 _decode_failed = False  # the decode kernel failed once here (a Triton that cannot compile it): cuBLAS from then on
+_decode_shapes: set[tuple] = set()  # (rows, out, in, r, dtype, bias) the decode kernel has taken (see _decode_kernel)
+
+
+def _decode_cublas(x2d, weight, bias, lora_a, lora_b, scaling) -> torch.Tensor:
+    """Decode-sized: the base GEMM first, the rank-r product accumulated onto it (fewest host calls)."""
+    out = F.linear(x2d, weight, bias)
+    return out.addmm_(F.linear(x2d, lora_a), lora_b.t(), alpha=scaling)
 
 
 def _decode_kernel(x2d, weight, bias, lora_a, lora_b, scaling) -> torch.Tensor | None:
@@ -262,9 +266,15 @@ def _decode_kernel(x2d, weight, bias, lora_a, lora_b, scaling) -> torch.Tensor |
             or not lora_a.is_contiguous() or not lora_b.is_contiguous()
             or (bias is not None and (bias.dtype is not x2d.dtype or not bias.is_contiguous()))):
         return None
+    shape = (x2d.shape[0], weight.shape[0], weight.shape[1], lora_a.shape[0], x2d.dtype, bias is not None)
+    if shape not in _decode_shapes:
+        # The cuBLAS path, which a CUDA graph capture of this layer takes instead, run once for this shape now: the
+        # capture then finds its kernels loaded (CUDA loads kernels lazily, and a capture cannot always load one).
+        _decode_shapes.add(shape)
+        _decode_cublas(x2d, weight, bias, lora_a, lora_b, scaling)
     try:
         return mod.lora_decode(x2d, weight, bias, lora_a, lora_b, scaling)
-    except Exception as exc:  # the cuBLAS path below is always correct
+    except Exception as exc:  # the cuBLAS path is always correct
         _decode_failed = True
         warnings.warn(f"LoRA decode kernel failed ({type(exc).__name__}: {exc}); using cuBLAS.", RuntimeWarning,
                       stacklevel=3)
