@@ -141,3 +141,68 @@ def test_hooks_set_reads_triton_3_6_hook_chains(monkeypatch):
     assert module._hooks_set() is True
     monkeypatch.setattr(module, "triton", None)
     assert module._hooks_set() is True
+
+
+def test_bound_launches_and_returns_the_launcher_for_those_arguments(bindable):
+    """`bound` launches (through the JIT the first time) and hands back the launcher a caller may keep; where
+    nothing can be bound it launches all the same and returns None."""
+    jit = FakeJit()
+    launch = DirectLaunch(jit, {"K": 4, "BN": 16})
+    x = torch.zeros(4)
+    fast = launch.bound((2,), x, x, 4)
+    assert kinds(jit) == ["jit"] and fast is not None
+    fast((3,), (x, x, 4))
+    assert jit.log[1][0] == "direct" and jit.log[1][1][:3] == (3, 1, 1)
+    assert launch.bound((2,), x, x, 4) is fast and kinds(jit) == ["jit", "direct", "direct"]
+    jit = FakeJit(compiled=False)
+    assert DirectLaunch(jit, {"K": 4, "BN": 16}).bound((1,), x, x, 4) is None and kinds(jit) == ["jit"]
+
+
+class CudaLauncher:
+    """Stands in for Triton 3.6's launcher object: its C entry `launch` and the attributes its `__call__` reads."""
+
+    def __init__(self, log, scratch=0):
+        self.log = log
+        self.global_scratch_size = scratch
+        self.profile_scratch_size = 0
+        self.launch_cooperative_grid = False
+        self.launch_pdl = True
+
+    def launch(self, *args):
+        self.log.append(("c entry", args))
+
+    def __call__(self, *args):
+        self.log.append(("direct", args))
+
+
+def test_triton_3_6_launchers_are_entered_in_c(bindable, monkeypatch):
+    """With Triton 3.6 and a kernel without scratch memory, the bound launcher calls the launcher's C entry with the
+    arguments its Python `__call__` would pass (scratch buffers None); another version, or scratch memory, keeps the
+    launcher's call."""
+    for version, scratch, expect in (("3.6.0", 0, "c entry"), ("3.5.1", 0, "direct"), ("3.6.0", 64, "direct")):
+        monkeypatch.setattr(module, "triton", types.SimpleNamespace(__version__=version))
+        log = []
+        compiled = FakeCompiled(log)
+        compiled.run = CudaLauncher(log, scratch)
+        launch = DirectLaunch(Returning(log, compiled), {"K": 4, "BN": 16})
+        x = torch.zeros(4)
+        launch((1,), x, x, 4)
+        launch((2, 3), x, x, 4)
+        assert [entry[0] for entry in log] == ["jit", expect]
+        kind, args = log[-1]
+        assert kind == expect, version
+        if expect == "c entry":
+            assert args[:13] == (2, 3, 1, "stream-1", "function", False, True, None, None, "metadata", None, None,
+                                 None)
+            assert args[13] is x and args[14] is x and args[15:] == (4, 4, 16)
+
+
+class Returning(FakeJit):
+    """A stand-in JIT whose calls return a given compiled object."""
+
+    def __init__(self, log, compiled):
+        super().__init__()
+        self.log, self.result = log, compiled
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append(("jit", grid)) or self.result

@@ -95,15 +95,51 @@ def test_one_compiled_kernel_per_row_block_and_scale(kernels):
                                                (64, 32, 64, 4, 1.0, False), (16, 32, 64, 4, 2.0, False)}
 
 
-def stand_in(monkeypatch, answer, max_rows=128) -> list:
+@kernel_device
+def test_any_leading_shape_and_misaligned_operands(kernels):
+    """x of shape (batch, tokens, K) gives (batch, tokens, N) without a reshape on the way; an operand off 16-byte
+    alignment (a view one element in) takes another specialisation and is still right, and so is the aligned call
+    after it."""
+    x, w, b, a, bb = operands(24, 64, 48, 8, HALF, DEVICE, seed=3)
+    got = kernels.lora_decode(x.view(4, 6, 64), w, b, a, bb, 1.5)
+    assert got.shape == (4, 6, 48)
+    close(got.view(24, 48), reference(x, w, b, a, bb, 1.5), HALF)
+    flat = torch.cat([torch.zeros(1, dtype=HALF, device=DEVICE), x.flatten()])
+    off = flat[1:].view(24, 64)  # 2 bytes past an aligned address
+    assert off.data_ptr() % 16 != 0
+    for operand in (off, x, off, x):
+        close(kernels.lora_decode(operand, w, b, a, bb, 1.5), reference(x, w, b, a, bb, 1.5), HALF)
+
+
+@kernel_device
+def test_new_shapes_are_announced_once_and_oversized_ones_refused(kernels):
+    """`on_new_shape` runs once per call shape, before its first launch (lora_infer warms cuBLAS there, for a graph
+    captured later); more than MAX_ROWS rows, or a weight of 2³¹ elements (int32 indexing), gives None, not a
+    launch (meta tensors here: nothing is allocated or launched for them)."""
+    x, w, b, a, bb = operands(kernels.MAX_ROWS + 1, 32, 24, 4, HALF, DEVICE, seed=4)
+    seen = []
+
+    def announce(x, *rest):
+        seen.append(tuple(x.shape))
+
+    for rows in (5, 5, 3, 5, 3):
+        close(kernels.lora_decode(x[:rows], w, b, a, bb, 1.0, announce), reference(x[:rows], w, b, a, bb, 1.0), HALF)
+    assert seen == [(5, 32), (3, 32)]
+    assert kernels.lora_decode(x, w, b, a, bb, 1.0, announce) is None
+    huge = torch.empty(2**31, dtype=HALF, device="meta").as_strided((2**20, 2**11), (2**11, 1))
+    xm, am = (torch.empty(shape, dtype=HALF, device="meta") for shape in ((4, 2**11), (4, 2**11)))
+    bm = torch.empty(2**20, 4, dtype=HALF, device="meta")
+    assert kernels.lora_decode(xm, huge, None, am, bm, 1.0, announce) is None
+    assert seen == [(5, 32), (3, 32)]  # refused shapes are not announced: no kernel runs for them
+
+
+def stand_in(monkeypatch, answer) -> list:
     """Replace the kernel module with one whose lora_decode returns `answer` (or raises it); returns its call log."""
     calls = []
 
     class Kernels:
-        MAX_ROWS = max_rows
-
         def lora_decode(self, *args):
-            calls.append(1)
+            calls.append(args)
             if isinstance(answer, Exception):
                 raise answer
             return answer
@@ -122,41 +158,42 @@ def test_a_failing_kernel_warns_once_and_cublas_answers(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert module._decode_kernel(x, w, b, a, bb, 1.0) is None
-    assert calls == [1]
+    assert len(calls) == 1
 
 
-def test_the_cublas_path_runs_once_per_new_shape_before_the_kernel(monkeypatch):
-    """So that a CUDA graph captured later (which takes cuBLAS) finds its kernels loaded."""
+def test_the_kernel_is_told_to_warm_cublas_for_new_shapes(monkeypatch):
+    """lora_infer hands the kernel module its cuBLAS warm-up, and the warm-up runs the cuBLAS composition (so that a
+    CUDA graph captured later, which takes cuBLAS, finds its kernels loaded)."""
     calls = stand_in(monkeypatch, "kernel")
-    warmed = []
-    monkeypatch.setattr(module, "_decode_shapes", set())
-    monkeypatch.setattr(module, "_decode_cublas", lambda x, *rest: warmed.append(x.shape[0]))
     x, w, b, a, bb = operands(6, 32, 24, 4, torch.bfloat16, "cpu")
-    for rows in (6, 6, 3, 6, 3):
-        assert module._decode_kernel(x[:rows], w, b, a, bb, 1.0) == "kernel"
-    assert warmed == [6, 3] and len(calls) == 5
+    assert module._decode_kernel(x.view(2, 3, 32), w, b, a, bb, 1.0) == "kernel"
+    (args,) = calls
+    assert args[-1] is module._warm_cublas
+    ran = []
+    monkeypatch.setattr(module, "_decode_cublas", lambda x, *rest: ran.append(tuple(x.shape)))
+    module._warm_cublas(x.view(2, 3, 32), w, b, a, bb, 1.0)
+    assert ran == [(6, 32)]
 
 
 def test_what_the_kernel_does_not_take_is_left_to_cublas(monkeypatch):
-    """fp32, more rows than MAX_ROWS, non-contiguous operands, a bias of another dtype, the torch backend."""
-    calls = stand_in(monkeypatch, "kernel", max_rows=8)
+    """fp32, non-contiguous operands, a bias of another dtype, the torch backend (rows and sizes: the kernel
+    module's own refusals, tested above)."""
+    calls = stand_in(monkeypatch, "kernel")
     x, w, b, a, bb = operands(4, 32, 24, 4, torch.bfloat16, "cpu")
     assert module._decode_kernel(x, w, b, a, bb, 1.0) == "kernel"
     refused = [
         (x.float(), w.float(), b.float(), a.float(), bb.float()),
-        (torch.cat([x, x, x]), w, b, a, bb),
         (x.t().contiguous().t(), w, b, a, bb),
         (x, w.t().contiguous().t(), b, a, bb),
+        (x, w, b, a.t().contiguous().t(), bb),
+        (x, w, b, a, bb.t().contiguous().t()),
         (x, w, b.float(), a, bb),
     ]
     for args in refused:
         assert module._decode_kernel(*args, 1.0) is None
-    huge = torch.empty(2**31, dtype=torch.bfloat16, device="meta").as_strided((2**20, 2**11), (2**11, 1))
-    assert module._decode_kernel(x[:, :1].expand(4, 2**11).contiguous(), huge, None, a[:, :1].expand(4, 2**11)
-                                 .contiguous(), bb, 1.0) is None  # int32 indexing: refused by its size
     monkeypatch.setattr(module, "_backend", "torch")
     assert module._decode_kernel(x, w, b, a, bb, 1.0) is None
-    assert calls == [1]
+    assert len(calls) == 1
 
 
 @cuda
@@ -188,5 +225,9 @@ def test_eager_cuda_decode_takes_the_kernel_and_graph_capture_does_not(monkeypat
         assert any(launcher is not None for launcher in launch.launchers.values())  # bound: launched directly
         calls.clear()
         lora_infer(x3.float(), w.float(), b.float(), a.float(), bb.float(), 2.0)  # fp32: cuBLAS
-        lora_infer(torch.randn(600, 512, device="cuda", dtype=torch.bfloat16), w, b, a, bb, 2.0)  # prefill rows
         assert calls == []
+        with pytest.raises(RuntimeError, match="device"):  # x on CUDA, the layer on the CPU: not the kernel's,
+            lora_infer(x3, w.cpu(), b.cpu(), a.cpu(), bb.cpu(), 2.0)  # but torch's own error, as for an nn.Linear
+        prefill = torch.randn(600, 512, device="cuda", dtype=torch.bfloat16)
+        close(lora_infer(prefill, w, b, a, bb, 2.0), reference(prefill, w, b, a, bb, 2.0), torch.bfloat16)
+        assert len(calls) == 1  # offered to the kernel module, which refused it (more than MAX_ROWS rows)

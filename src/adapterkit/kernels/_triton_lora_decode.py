@@ -23,12 +23,11 @@ import triton
 import triton.language as tl
 
 from .direct_launch import DirectLaunch
-from .optional_triton import on_input_device
 
 MAX_ROWS = 128  # above this a step is no longer launch-bound enough for the kernel to pay
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # M varies per call: one compiled kernel for all
 def _lora_decode_kernel(
     x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, out_ptr, M,
     N: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
@@ -63,8 +62,8 @@ def _lora_decode_kernel(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-# (BM, N, K, R, scale, has bias) -> (the bound launch, output blocks): one compiled kernel per layer shape and
-# block of rows (16, 32 or 64), whatever the batch size within it.
+# (BM, N, K, R, scale, has bias) -> (the launch of its compiled kernel, column blocks): one compiled kernel per layer
+# shape and block of rows (16, 32 or 64), whatever the batch size within it.
 _launches: dict[tuple, tuple[DirectLaunch, int]] = {}
 
 
@@ -76,19 +75,66 @@ def _new_launch(bm: int, n: int, k: int, r: int, scale: float, has_bias: bool) -
     return DirectLaunch(_lora_decode_kernel, meta, num_warps=4, num_stages=3), triton.cdiv(n, bn)
 
 
-@on_input_device
-def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """x (M, K) · Wᵀ + bias + s·round(x Aᵀ) Bᵀ in one launch, into a new (M, N) tensor. All contiguous, one dtype,
-    M ≤ MAX_ROWS (the caller checks)."""
-    m, k = x.shape
-    n, r = lora_b.shape
+class _Plan:
+    """How one call shape is launched: the compiled kernel's launch, its grid, and (once an aligned call has bound
+    it) the launcher that later aligned calls of this shape call directly."""
+
+    __slots__ = ("launch", "grid", "fast")
+
+    def __init__(self, launch: DirectLaunch, grid: tuple[int, int]) -> None:
+        self.launch, self.grid, self.fast = launch, grid, None
+
+
+# (rows, N, K, R, scale, has bias, dtype, device) -> its _Plan, or None where the kernel does not take that shape.
+# One dictionary lookup per call decides everything the shape decides.
+_plans: dict[tuple, _Plan | None] = {}
+
+
+def _new_plan(m: int, n: int, k: int, r: int, scale: float, has_bias: bool) -> _Plan | None:
+    if m > MAX_ROWS or n * k >= 2**31 or r * k >= 2**31:  # launch-bound no longer; the kernel indexes with int32
+        return None
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-    key = (bm, n, k, r, scaling, bias is not None)
+    key = (bm, n, k, r, scale, has_bias)
     entry = _launches.get(key)
     if entry is None:
         entry = _launches[key] = _new_launch(*key)
     launch, n_blocks = entry
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    launch(((m + bm - 1) // bm, n_blocks), x, weight, lora_a, lora_b, out if bias is None else bias, out, m)
+    return _Plan(launch, ((m + bm - 1) // bm, n_blocks))
+
+
+def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float, on_new_shape=None) -> torch.Tensor | None:
+    """x (..., K) · Wᵀ + bias + s·round(x Aᵀ) Bᵀ in one launch, into a new (..., N) tensor; None where the kernel
+    does not take this shape (more than MAX_ROWS rows, a weight of 2³¹ elements or more).
+
+    The caller checks the rest: every operand contiguous, in one dtype (bf16 or fp16), on one device. This is the
+    eager decode step's hot path, so it is one lookup, one allocation and one launch; `on_new_shape(x, weight, bias,
+    lora_a, lora_b, scaling)` is called once for each new shape before its first launch.
+    """
+    n, r = lora_b.shape
+    k = x.shape[-1]
+    m = x.numel() // k
+    device = x.get_device()
+    key = (m, n, k, r, scaling, bias is not None, x.dtype, device)
+    plan = _plans.get(key, _plans)
+    if plan is _plans:
+        plan = _plans[key] = _new_plan(m, n, k, r, scaling, bias is not None)
+        if plan is not None and on_new_shape is not None:
+            on_new_shape(x, weight, bias, lora_a, lora_b, scaling)
+    if plan is None:
+        return None
+    if 0 <= device != torch.cuda.current_device():  # Triton launches on the current device, not the inputs'
+        with torch.cuda.device(device):
+            return lora_decode(x, weight, bias, lora_a, lora_b, scaling)
+    out = x.new_empty((*x.shape[:-1], n))
+    args = (x, weight, lora_a, lora_b, out if bias is None else bias, out, m)
+    ptrs = x.data_ptr() | weight.data_ptr() | lora_a.data_ptr() | lora_b.data_ptr() | out.data_ptr()
+    if bias is not None:
+        ptrs |= bias.data_ptr()
+    if ptrs & 15:  # some operand off 16-byte alignment: another specialisation, which DirectLaunch keys itself
+        plan.launch(plan.grid, *args)
+    elif plan.fast is not None:
+        plan.fast(plan.grid, args)
+    else:  # the first aligned call of this shape: through the launch, which binds the launcher on the way
+        plan.fast = plan.launch.bound(plan.grid, *args)
     return out

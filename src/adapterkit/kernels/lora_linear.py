@@ -202,7 +202,7 @@ class _LoraLinearFn(torch.autograd.Function):
 
 def _autocast_on(x: torch.Tensor) -> bool:
     try:
-        return torch.is_autocast_enabled(x.device.type)
+        return torch.is_autocast_enabled("cuda" if x.is_cuda else x.device.type)  # no device object on the hot path
     except TypeError:  # torch < 2.4 takes no device type
         return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
 
@@ -226,11 +226,13 @@ def lora_infer(
     if (dtype is not weight.dtype or dtype is not lora_a.dtype or dtype is not lora_b.dtype
             or torch.is_grad_enabled() or _autocast_on(x)):
         return lora_linear(x, weight, bias, lora_a, lora_b, scaling)
+    if x.is_cuda:
+        out = _decode_kernel(x, weight, bias, lora_a, lora_b, scaling)
+        if out is not None:
+            return out
     x2d = x.flatten(0, -2) if x.dim() != 2 else x  # (N, in)
     if x2d.shape[0] <= _SMALL_ROWS:
-        out = _decode_kernel(x2d, weight, bias, lora_a, lora_b, scaling) if x.is_cuda else None
-        if out is None:
-            out = _decode_cublas(x2d, weight, bias, lora_a, lora_b, scaling)
+        out = _decode_cublas(x2d, weight, bias, lora_a, lora_b, scaling)
     else:
         # Prefill-sized: s·(x·Aᵀ)·Bᵀ (+ bias) written first, x·Wᵀ accumulated in the base GEMM's epilogue (an
         # (N, out) read-modify-write saved: bench/NOTES.md).
@@ -242,7 +244,6 @@ def lora_infer(
 # Rows up to which the inference path issues the base GEMM first (decode); above it, the rank-r product first.
 _SMALL_ROWS = 512
 _decode_failed = False  # the decode kernel failed once here (a Triton that cannot compile it): cuBLAS from then on
-_decode_shapes: set[tuple] = set()  # (rows, out, in, r, dtype, bias) the decode kernel has taken (see _decode_kernel)
 
 
 def _decode_cublas(x2d, weight, bias, lora_a, lora_b, scaling) -> torch.Tensor:
@@ -251,34 +252,37 @@ def _decode_cublas(x2d, weight, bias, lora_a, lora_b, scaling) -> torch.Tensor:
     return out.addmm_(F.linear(x2d, lora_a), lora_b.t(), alpha=scaling)
 
 
-def _decode_kernel(x2d, weight, bias, lora_a, lora_b, scaling) -> torch.Tensor | None:
+def _warm_cublas(x, weight, bias, lora_a, lora_b, scaling) -> None:
+    """The cuBLAS path, which a CUDA graph capture of a layer takes instead of the decode kernel, run once for a new
+    shape: the capture then finds its kernels loaded (CUDA loads kernels lazily, and a capture cannot always load
+    one)."""
+    _decode_cublas(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling)
+
+
+def _decode_kernel(x, weight, bias, lora_a, lora_b, scaling) -> torch.Tensor | None:
     """The whole layer as one Triton launch (`_triton_lora_decode`), or None where it does not apply: the torch
-    backend chosen, fp32, more rows than the kernel takes, a weight of 2³¹ elements or more, non-contiguous operands,
-    while a CUDA graph is captured or under torch.compile (there the kernel count, not the host, sets the time:
-    cuBLAS), or no usable Triton."""
+    backend chosen, fp32, more rows than the kernel takes, a weight of 2³¹ elements or more, non-contiguous operands
+    or operands on two devices, while a CUDA graph is captured or under torch.compile (there the kernel count, not the
+    host, sets the time: cuBLAS), or no usable Triton. The caller has checked that every operand has x's dtype."""
     global _decode_failed
-    if (_backend == "torch" or _decode_failed or x2d.dtype not in (torch.bfloat16, torch.float16)
-            or torch.compiler.is_compiling() or (x2d.is_cuda and torch.cuda.is_current_stream_capturing())):
+    if (_backend == "torch" or _decode_failed or x.dtype not in _DECODE_DTYPES or torch.compiler.is_compiling()
+            or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
         return None
     mod = kernels("_triton_lora_decode")
-    if (mod is None or x2d.shape[0] > mod.MAX_ROWS or weight.numel() >= 2**31  # the kernel indexes with int32
-            or not x2d.is_contiguous() or not weight.is_contiguous()
-            or not lora_a.is_contiguous() or not lora_b.is_contiguous()
-            or (bias is not None and (bias.dtype is not x2d.dtype or not bias.is_contiguous()))):
+    if (mod is None or not x.is_contiguous() or not weight.is_contiguous() or not lora_a.is_contiguous()
+            or not lora_b.is_contiguous() or weight.get_device() != x.get_device()
+            or (bias is not None and (bias.dtype is not x.dtype or not bias.is_contiguous()))):
         return None
-    shape = (x2d.shape[0], weight.shape[0], weight.shape[1], lora_a.shape[0], x2d.dtype, bias is not None)
-    if shape not in _decode_shapes:
-        # The cuBLAS path, which a CUDA graph capture of this layer takes instead, run once for this shape now: the
-        # capture then finds its kernels loaded (CUDA loads kernels lazily, and a capture cannot always load one).
-        _decode_shapes.add(shape)
-        _decode_cublas(x2d, weight, bias, lora_a, lora_b, scaling)
     try:
-        return mod.lora_decode(x2d, weight, bias, lora_a, lora_b, scaling)
+        return mod.lora_decode(x, weight, bias, lora_a, lora_b, scaling, _warm_cublas)
     except Exception as exc:  # the cuBLAS path is always correct
         _decode_failed = True
         warnings.warn(f"LoRA decode kernel failed ({type(exc).__name__}: {exc}); using cuBLAS.", RuntimeWarning,
                       stacklevel=3)
         return None
+
+
+_DECODE_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def lora_linear(
