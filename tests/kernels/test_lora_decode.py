@@ -1,5 +1,6 @@
 """The one-launch LoRA decode kernel against a float64 reference and against the cuBLAS composition it replaces;
-where `lora_infer` takes it (eager CUDA decode) and where not (graph capture, fp32, the torch backend, failures).
+where `lora_infer` takes it (eager CUDA decode, graph capture of shapes launched before) and where not (fp32, the
+torch backend, failures).
 
 The kernel runs on CUDA, or on a CPU under Triton's interpreter (`TRITON_INTERPRET=1` with triton installed), else
 those tests skip; the dispatch tests need CUDA, except the failure path, which a stand-in kernel module drives.
@@ -82,17 +83,32 @@ def test_kernel_matches_the_cublas_composition(kernels):
 
 
 @kernel_device
-def test_one_compiled_kernel_per_row_block_and_scale(kernels):
-    """Batch sizes within a row block (16 / 32 / 64) share one launch (rows are a runtime argument); another block,
-    scale or layer shape is another launch. Each answer is right."""
+def test_one_compiled_kernel_per_layer_shape_and_scale(kernels):
+    """Every batch size shares one launch (rows are a runtime argument, masked within 64-row blocks); another scale
+    or layer shape is another launch. Each answer is right."""
     x, w, b, a, bb = operands(100, 64, 32, 4, HALF, DEVICE, bias=False)
     before = set(kernels._launches)
     for rows in (3, 9, 16, 20, 40, 64, 100):
         close(kernels.lora_decode(x[:rows], w, b, a, bb, 1.0), reference(x[:rows], w, b, a, bb, 1.0), HALF)
     two = kernels.lora_decode(x[:9], w, b, a, bb, 2.0)
     close(two, reference(x[:9], w, b, a, bb, 2.0), HALF)
-    assert set(kernels._launches) - before == {(16, 32, 64, 4, 1.0, False), (32, 32, 64, 4, 1.0, False),
-                                               (64, 32, 64, 4, 1.0, False), (16, 32, 64, 4, 2.0, False)}
+    assert set(kernels._launches) - before == {(32, 64, 4, 1.0, False), (32, 64, 4, 2.0, False)}
+
+
+@kernel_device
+def test_nothing_compiles_inside_a_capture(kernels):
+    """While a CUDA graph is captured (`capturing=True`) a shape never launched eagerly gives None and leaves no
+    plan behind, so its first eager call later still compiles, binds and announces it."""
+    x, w, b, a, bb = operands(12, 48, 40, 4, HALF, DEVICE, seed=5)
+    seen = []
+
+    def announce(*args):
+        seen.append(args[0].shape)
+
+    assert kernels.lora_decode(x, w, b, a, bb, 3.0, announce, capturing=True) is None
+    assert seen == [] and not any(key[:3] == (12, 40, 48) and key[4] == 3.0 for key in kernels._plans)
+    close(kernels.lora_decode(x, w, b, a, bb, 3.0, announce), reference(x, w, b, a, bb, 3.0), HALF)
+    assert seen == [(12, 48)]
 
 
 @kernel_device
@@ -168,7 +184,7 @@ def test_the_kernel_is_told_to_warm_cublas_for_new_shapes(monkeypatch):
     x, w, b, a, bb = operands(6, 32, 24, 4, torch.bfloat16, "cpu")
     assert module._decode_kernel(x.view(2, 3, 32), w, b, a, bb, 1.0) == "kernel"
     (args,) = calls
-    assert args[-1] is module._warm_cublas
+    assert args[-2] is module._warm_cublas and args[-1] is False  # on the CPU: never inside a capture
     ran = []
     monkeypatch.setattr(module, "_decode_cublas", lambda x, *rest: ran.append(tuple(x.shape)))
     module._warm_cublas(x.view(2, 3, 32), w, b, a, bb, 1.0)
@@ -197,37 +213,52 @@ def test_what_the_kernel_does_not_take_is_left_to_cublas(monkeypatch):
 
 
 @cuda
-def test_eager_cuda_decode_takes_the_kernel_and_graph_capture_does_not(monkeypatch):
-    """lora_infer on CUDA: eager decode-sized calls go through the kernel; inside a CUDA graph capture the cuBLAS
-    composition is captured instead, and its replay gives the eager answer."""
+def test_eager_cuda_decode_and_graph_capture(monkeypatch):
+    """lora_infer on CUDA: eager decode-sized calls go through the kernel. Inside a CUDA graph capture the kernel is
+    captured for a shape launched eagerly before; a shape first seen inside the capture, or one with K above
+    GRAPH_MAX_K, captures the cuBLAS composition. Every replay gives the eager answer."""
     mod = pytest.importorskip("adapterkit.kernels._triton_lora_decode", reason="triton is not installed")
-    calls = []
+    taken = []
     real = mod.lora_decode
-    monkeypatch.setattr(mod, "lora_decode", lambda *args: calls.append(1) or real(*args))
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(mod, "lora_decode", counted)
     x, w, b, a, bb = operands(64, 512, 768, 16, torch.bfloat16, "cuda")
     x3 = x.view(64, 1, 512)
     with torch.no_grad():
         eager = lora_infer(x3, w, b, a, bb, 2.0)
-        assert calls == [1] and eager.shape == (64, 1, 768)
+        assert taken == [True] and eager.shape == (64, 1, 768)
         close(eager.view(64, 768), reference(x, w, b, a, bb, 2.0), torch.bfloat16)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = lora_infer(x3, w, b, a, bb, 2.0)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert calls == [1]  # the capture did not take the kernel
-        close(captured.view(64, 768), reference(x, w, b, a, bb, 2.0), torch.bfloat16)
-        for rows in (64, 7, 50):  # again (the direct launch), and other batch sizes of the same blocks
+        for rows in (64, 7, 50):  # again (the direct launch), and other batch sizes of the same launch
             got = lora_infer(x3[:rows], w, b, a, bb, 2.0)
             close(got.view(rows, 768), reference(x[:rows], w, b, a, bb, 2.0), torch.bfloat16)
-        assert len(calls) == 4
-        launch, _ = mod._launches[(64, 768, 512, 16, 2.0, True)]
+        assert taken == [True] * 4
+        launch, _ = mod._launches[(768, 512, 16, 2.0, True)]
         assert any(launcher is not None for launcher in launch.launchers.values())  # bound: launched directly
-        calls.clear()
+        taken.clear()
+        monkeypatch.setattr(mod, "GRAPH_MAX_K", 256)  # for the shapes planned from here on
+        xk, wk, bk, ak_, bbk = operands(64, 512, 96, 16, torch.bfloat16, "cuda", seed=9)
+        lora_infer(xk, wk, bk, ak_, bbk, 2.0)  # planned eagerly with K = 512 > GRAPH_MAX_K
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = lora_infer(x3, w, b, a, bb, 2.0)  # launched eagerly before: the kernel
+            fresh = lora_infer(x3[:33], w, b, a, bb, 2.0)  # 33 rows: never seen eagerly, cuBLAS
+            long_k = lora_infer(xk, wk, bk, ak_, bbk, 2.0)  # K above the limit: cuBLAS
+        assert taken == [True, True, False, False]
+        graph.replay()
+        torch.cuda.synchronize()
+        close(captured.view(64, 768), reference(x, w, b, a, bb, 2.0), torch.bfloat16)
+        close(fresh.view(33, 768), reference(x[:33], w, b, a, bb, 2.0), torch.bfloat16)
+        close(long_k, reference(xk, wk, bk, ak_, bbk, 2.0), torch.bfloat16)
+        taken.clear()
         lora_infer(x3.float(), w.float(), b.float(), a.float(), bb.float(), 2.0)  # fp32: cuBLAS
-        assert calls == []
+        assert taken == []
         with pytest.raises(RuntimeError, match="device"):  # x on CUDA, the layer on the CPU: not the kernel's,
             lora_infer(x3, w.cpu(), b.cpu(), a.cpu(), bb.cpu(), 2.0)  # but torch's own error, as for an nn.Linear
         prefill = torch.randn(600, 512, device="cuda", dtype=torch.bfloat16)
         close(lora_infer(prefill, w, b, a, bb, 2.0), reference(prefill, w, b, a, bb, 2.0), torch.bfloat16)
-        assert len(calls) == 1  # offered to the kernel module, which refused it (more than MAX_ROWS rows)
+        assert taken == [False]  # offered to the kernel module, which refused it (more than MAX_ROWS rows)

@@ -7,13 +7,18 @@ eager against 2.8 ms as a CUDA graph). cuBLAS needs three calls per adapted line
 h Bᵀ) where the base needs one; this kernel is one launch, and after its first call it is relaunched directly
 (`direct_launch.py`), so an adapted linear costs the host about what the plain linear does.
 
-Each program computes BN output columns for BM rows: it walks K once, accumulating x Wᵀ and h = x Aᵀ (A is read by
-every program, R·K elements from L2 beside its BN·K slice of W), rounds h to the adapter dtype as the unfused
-layer's lora_A output is rounded, and adds s·h Bᵀ and the bias before its one store. Output blocks are narrow
-(16-128 columns) so that even a 512-wide projection gets 32 programs. The blocks are chosen for eager decode, where
-the GPU waits for the host; while a CUDA graph is captured the host drops out and GPU time decides, and there the
-caller keeps cuBLAS (the kernel's GPU time has not been measured against it). Imported only where Triton can run, by
-`lora_linear.py`.
+Each program computes BN output columns for 64 rows (fewer rows are masked): it walks K once, accumulating x Wᵀ
+and h = x Aᵀ (A is read by every program, R·K elements from L2 beside its BN·K slice of W), rounds h to the adapter
+dtype as the unfused layer's lora_A output is rounded, and adds s·h Bᵀ and the bias before its one store. Output
+blocks are narrow (16-128 columns: about 128 programs per row block) so that even a 512-wide projection gets 32.
+
+Launch shape, from a sweep of the kernel inside CUDA graphs on an H200 (GPU time alone, distinct weights per call,
+bench/README.md): 64-row blocks, K steps of 128, five stages were the fastest or within 5% of it for every
+Llama-3.2-1B projection at 16 and 64 rows (16-row blocks were up to 1.9x slower at 16 rows). There the kernel beats
+cuBLAS's three GEMMs for K ≤ 4096 (q, k, v, o, gate, up: 7.9-13.4 µs against 13.2-20.1) but not at K = 8192 (down:
+25.9 against 22.2 µs, one pass over K per program leaves too little in flight), so while a graph is captured it is
+taken only for K ≤ GRAPH_MAX_K and only for a shape already launched eagerly (nothing compiles or binds inside a
+capture). Imported only where Triton can run, by `lora_linear.py`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import triton.language as tl
 from .direct_launch import DirectLaunch
 
 MAX_ROWS = 128  # above this a step is no longer launch-bound enough for the kernel to pay
+GRAPH_MAX_K = 4096  # inside a CUDA graph, cuBLAS's three GEMMs are faster for longer K (the module docstring)
+BM = 64  # rows per program
 
 
 @triton.jit(do_not_specialize=["M"])  # M varies per call: one compiled kernel for all
@@ -62,27 +69,26 @@ def _lora_decode_kernel(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-# (BM, N, K, R, scale, has bias) -> (the launch of its compiled kernel, column blocks): one compiled kernel per layer
-# shape and block of rows (16, 32 or 64), whatever the batch size within it.
+# (N, K, R, scale, has bias) -> (the launch of its compiled kernel, column blocks): one compiled kernel per layer
+# shape, whatever the batch size.
 _launches: dict[tuple, tuple[DirectLaunch, int]] = {}
 
 
-def _new_launch(bm: int, n: int, k: int, r: int, scale: float, has_bias: bool) -> tuple[DirectLaunch, int]:
+def _new_launch(n: int, k: int, r: int, scale: float, has_bias: bool) -> tuple[DirectLaunch, int]:
     bn = max(16, min(128, triton.next_power_of_2(triton.cdiv(n, 128))))  # about 128 programs per row block
-    bk = 256 if bn <= 32 else 128  # a narrow W slice: longer K steps keep enough bytes in flight
-    meta = dict(N=n, K=k, R=r, BM=bm, BN=bn, BK=bk, BR=max(16, triton.next_power_of_2(r)), SCALE=float(scale),
+    meta = dict(N=n, K=k, R=r, BM=BM, BN=bn, BK=128, BR=max(16, triton.next_power_of_2(r)), SCALE=float(scale),
                 HAS_BIAS=has_bias)
-    return DirectLaunch(_lora_decode_kernel, meta, num_warps=4, num_stages=3), triton.cdiv(n, bn)
+    return DirectLaunch(_lora_decode_kernel, meta, num_warps=4, num_stages=5), triton.cdiv(n, bn)
 
 
 class _Plan:
-    """How one call shape is launched: the compiled kernel's launch, its grid, and (once an aligned call has bound
-    it) the launcher that later aligned calls of this shape call directly."""
+    """How one call shape is launched: the compiled kernel's launch, its grid, whether graphs take it, and (once an
+    aligned call has bound it) the launcher that later aligned calls of this shape call directly."""
 
-    __slots__ = ("launch", "grid", "fast")
+    __slots__ = ("launch", "grid", "in_graphs", "fast")
 
-    def __init__(self, launch: DirectLaunch, grid: tuple[int, int]) -> None:
-        self.launch, self.grid, self.fast = launch, grid, None
+    def __init__(self, launch: DirectLaunch, grid: tuple[int, int], in_graphs: bool) -> None:
+        self.launch, self.grid, self.in_graphs, self.fast = launch, grid, in_graphs, None
 
 
 # (rows, N, K, R, scale, has bias, dtype, device) -> its _Plan, or None where the kernel does not take that shape.
@@ -93,19 +99,19 @@ _plans: dict[tuple, _Plan | None] = {}
 def _new_plan(m: int, n: int, k: int, r: int, scale: float, has_bias: bool) -> _Plan | None:
     if m > MAX_ROWS or n * k >= 2**31 or r * k >= 2**31:  # launch-bound no longer; the kernel indexes with int32
         return None
-    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-    key = (bm, n, k, r, scale, has_bias)
+    key = (n, k, r, scale, has_bias)
     entry = _launches.get(key)
     if entry is None:
         entry = _launches[key] = _new_launch(*key)
     launch, n_blocks = entry
-    return _Plan(launch, ((m + bm - 1) // bm, n_blocks))
+    return _Plan(launch, ((m + BM - 1) // BM, n_blocks), k <= GRAPH_MAX_K)
 
 
 def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: float, on_new_shape=None) -> torch.Tensor | None:
+                lora_b: torch.Tensor, scaling: float, on_new_shape=None, capturing: bool = False) -> torch.Tensor | None:
     """x (..., K) · Wᵀ + bias + s·round(x Aᵀ) Bᵀ in one launch, into a new (..., N) tensor; None where the kernel
-    does not take this shape (more than MAX_ROWS rows, a weight of 2³¹ elements or more).
+    does not take this call: more than MAX_ROWS rows, a weight of 2³¹ elements or more, and while a CUDA graph is
+    captured (`capturing`) K > GRAPH_MAX_K or a shape not yet launched and bound outside the capture.
 
     The caller checks the rest: every operand contiguous, in one dtype (bf16 or fp16), on one device. This is the
     eager decode step's hot path, so it is one lookup, one allocation and one launch; `on_new_shape(x, weight, bias,
@@ -117,6 +123,8 @@ def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     device = x.get_device()
     key = (m, n, k, r, scaling, bias is not None, x.dtype, device)
     plan = _plans.get(key, _plans)
+    if capturing and (plan is _plans or plan is None or plan.fast is None or not plan.in_graphs):
+        return None
     if plan is _plans:
         plan = _plans[key] = _new_plan(m, n, k, r, scaling, bias is not None)
         if plan is not None and on_new_shape is not None:
@@ -125,13 +133,15 @@ def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return None
     if 0 <= device != torch.cuda.current_device():  # Triton launches on the current device, not the inputs'
         with torch.cuda.device(device):
-            return lora_decode(x, weight, bias, lora_a, lora_b, scaling)
+            return lora_decode(x, weight, bias, lora_a, lora_b, scaling, capturing=capturing)
     out = x.new_empty((*x.shape[:-1], n))
     args = (x, weight, lora_a, lora_b, out if bias is None else bias, out, m)
     ptrs = x.data_ptr() | weight.data_ptr() | lora_a.data_ptr() | lora_b.data_ptr() | out.data_ptr()
     if bias is not None:
         ptrs |= bias.data_ptr()
     if ptrs & 15:  # some operand off 16-byte alignment: another specialisation, which DirectLaunch keys itself
+        if capturing:
+            return None  # its first call would compile inside the capture
         plan.launch(plan.grid, *args)
     elif plan.fast is not None:
         plan.fast(plan.grid, args)

@@ -262,11 +262,11 @@ def _warm_cublas(x, weight, bias, lora_a, lora_b, scaling) -> None:
 def _decode_kernel(x, weight, bias, lora_a, lora_b, scaling) -> torch.Tensor | None:
     """The whole layer as one Triton launch (`_triton_lora_decode`), or None where it does not apply: the torch
     backend chosen, fp32, more rows than the kernel takes, a weight of 2³¹ elements or more, non-contiguous operands
-    or operands on two devices, while a CUDA graph is captured or under torch.compile (there the kernel count, not the
-    host, sets the time: cuBLAS), or no usable Triton. The caller has checked that every operand has x's dtype."""
+    or operands on two devices, under torch.compile, no usable Triton, and while a CUDA graph is captured the shapes
+    where cuBLAS's GEMMs are faster there or that were never launched eagerly (the kernel module decides those).
+    The caller has checked that every operand has x's dtype."""
     global _decode_failed
-    if (_backend == "torch" or _decode_failed or x.dtype not in _DECODE_DTYPES or torch.compiler.is_compiling()
-            or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
+    if _backend == "torch" or _decode_failed or x.dtype not in _DECODE_DTYPES or torch.compiler.is_compiling():
         return None
     mod = kernels("_triton_lora_decode")
     if (mod is None or not x.is_contiguous() or not weight.is_contiguous() or not lora_a.is_contiguous()
@@ -274,7 +274,8 @@ def _decode_kernel(x, weight, bias, lora_a, lora_b, scaling) -> torch.Tensor | N
             or (bias is not None and (bias.dtype is not x.dtype or not bias.is_contiguous()))):
         return None
     try:
-        return mod.lora_decode(x, weight, bias, lora_a, lora_b, scaling, _warm_cublas)
+        return mod.lora_decode(x, weight, bias, lora_a, lora_b, scaling, _warm_cublas,
+                               x.is_cuda and torch.cuda.is_current_stream_capturing())
     except Exception as exc:  # the cuBLAS path is always correct
         _decode_failed = True
         warnings.warn(f"LoRA decode kernel failed ({type(exc).__name__}: {exc}); using cuBLAS.", RuntimeWarning,
