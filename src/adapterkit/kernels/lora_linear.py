@@ -244,6 +244,7 @@ def lora_infer(
 # Rows up to which the inference path issues the base GEMM first (decode); above it, the rank-r product first.
 _SMALL_ROWS = 512
 _decode_failed = False  # the decode kernel failed once here (a Triton that cannot compile it): cuBLAS from then on
+_DECODE_DTYPES = (torch.bfloat16, torch.float16)  # the decode kernel's
 
 
 def _decode_cublas(x2d, weight, bias, lora_a, lora_b, scaling) -> torch.Tensor:
@@ -281,9 +282,6 @@ def _decode_kernel(x, weight, bias, lora_a, lora_b, scaling) -> torch.Tensor | N
         warnings.warn(f"LoRA decode kernel failed ({type(exc).__name__}: {exc}); using cuBLAS.", RuntimeWarning,
                       stacklevel=3)
         return None
-
-
-_DECODE_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def lora_linear(
