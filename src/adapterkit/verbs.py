@@ -20,6 +20,8 @@ from .config import AdapterConfig
 from .errors import ConfigError, MergeError, TargetError
 from .methods import method_for
 from .methods.base import AdapterWrapper, AttachContext
+from .methods.lora import LoraLinear
+from .methods.lora_siblings import link_siblings
 from .methods.modules_to_save import TrainableCopy
 from .methods.trainable_tokens import TiedTokensHead, TrainableTokens
 from .quantized import dequantize_model, quantized_view, to_linear
@@ -120,6 +122,7 @@ def attach(
         state.wrappers.pop(path, None)
         state.wrappers[path] = wrapper
     state.configs[name] = cfg
+    link_siblings(model, LoraLinear)
     set_active(model, state.active or (name,))
     return model
 
@@ -180,6 +183,7 @@ def delete(model: nn.Module, name: str) -> None:
     if not state.configs:
         _forget(model, state)
     else:
+        link_siblings(model, LoraLinear)
         _apply_activation(state)
 
 

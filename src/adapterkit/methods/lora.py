@@ -101,6 +101,8 @@ class LoraLinear(AdapterWrapper):
             # Per-row routing (routing.py sets and clears it): a RoutedLinear (A table (slots, R, in), B table
             # (slots, out, R), slot per batch row (rows,)); routed(x, base output) adds the update; or None.
             _routed=None,
+            # Sibling projections read one input (q/k/v, gate/up): their SiblingGroup (lora_siblings.py), or None.
+            _siblings=None,
         )
         self.lora_A = self._container(nn.ModuleDict)
         self.lora_B = self._container(nn.ModuleDict)
@@ -160,10 +162,18 @@ class LoraLinear(AdapterWrapper):
         if fused == "lora" and not args and not kwargs:
             lora_a, lora_b, _, p, scaling = active[0]
             if torch.is_grad_enabled() or (p and self.training):
+                siblings = self._siblings
+                out = siblings(self, x) if siblings is not None else None  # the siblings' one node, where it applies
+                if out is not None:
+                    return out
                 return lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, scaling, p, self.training)
             return lora_infer(x, base.weight, base.bias, lora_a.weight, lora_b.weight, scaling)  # serving, decode
         if fused == "packed" and not args and not kwargs and torch.is_grad_enabled():
             # Training only: without gradients bitsandbytes picks its own kernels (a fused 4-bit GEMV for decode).
+            siblings = self._siblings
+            out = siblings(self, x) if siblings is not None else None
+            if out is not None:
+                return out
             lora_a, lora_b, _, p, scaling = active[0]
             bias = base.bias
             if x.dtype == self.view.compute_dtype(base) and (bias is None or bias.dtype == x.dtype):
