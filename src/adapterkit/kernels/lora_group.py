@@ -9,10 +9,11 @@ gradient is a tensor of x's size that autograd then adds to the others'. Here, w
 - backward: G = [s_1·dY_1·B_1, …] (N, R); dB_i = s_i·dY_iᵀ·xa_i; dA = Gᵀ·x, one GEMM (x read once); dX = G·A, one
   GEMM written once, then every dY_i·W_i accumulated onto it (beta=1): no per-sibling input gradients to add up.
 
-One fewer read of x per extra sibling in each direction, and one (N, in) gradient fewer to allocate, write and add.
-Measured on an H200 (bench/README.md), all-linear r=16 on a Llama-3.2-1B shape: the training step 2.4% faster
-on bf16 and 7.9% on an NF4 base, where each GEMM fewer is also less of bitsandbytes' host work. Dropout is not fused
-here (p must be 0: the siblings' masks are independent draws); `methods/lora_siblings.py` decides when this runs.
+One fewer read of x per extra sibling in each direction, one (N, in) gradient fewer to allocate, write and add, and
+fewer launches. On an H200 (bench/README.md, "sixth pass"), all-linear r=16 on a Llama-3.2-1B shape, the training
+step took 2.4% less time on bf16 and 7.9% less on an NF4 base in one process with and without it, where each GEMM
+fewer is also less of bitsandbytes' host work. Dropout is not fused here (p must be 0: the siblings' masks are
+independent draws); `methods/lora_siblings.py` decides when this runs.
 """
 
 from __future__ import annotations

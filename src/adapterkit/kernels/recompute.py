@@ -85,8 +85,10 @@ def input_recipe(x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
     Called from a custom Function's forward; reads only graph structure there (nothing is unpacked until backward,
     when the producing node has not run its own backward yet: it consumes the gradient of x).
     """
+    if _mode == "off" or torch.compiler.is_compiling():  # first: a traced tensor's grad_fn breaks the graph
+        return None
     node = x.grad_fn
-    if _mode == "off" or node is None or type(node).__name__ != "MulBackward0" or torch.compiler.is_compiling():
+    if node is None or type(node).__name__ != "MulBackward0":
         return None
     if not _hooks_allow():
         return None
