@@ -197,3 +197,16 @@ def test_deleting_an_adapter_regroups_what_is_left():
     assert attn.q_proj._siblings.names == ("q_proj", "k_proj", "v_proj")
     ak.delete(model, "default")
     assert attn.v_proj._siblings is None and not isinstance(attn.q_proj, LoraLinear)
+
+
+def test_two_active_adapters_take_each_layer_alone():
+    model = adapted()
+    ak.attach(model, ak.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False), name="second")
+    ak.set_active(model, ["default", "second"])
+    model.train()
+    _, _, seen = step(model, input_ids(batch=2, length=9))
+    assert GROUPED not in seen.values()
+    ak.set_active(model, "second")
+    model.train()
+    _, _, seen = step(model, input_ids(batch=2, length=9))
+    assert seen["model.layers.0.self_attn.k_proj"] == GROUPED  # one adapter again: grouped again
