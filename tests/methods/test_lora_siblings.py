@@ -210,3 +210,14 @@ def test_two_active_adapters_take_each_layer_alone():
     model.train()
     _, _, seen = step(model, input_ids(batch=2, length=9))
     assert seen["model.layers.0.self_attn.k_proj"] == GROUPED  # one adapter again: grouped again
+
+
+def test_the_environment_switch_turns_grouping_off(monkeypatch):
+    monkeypatch.setenv("ADAPTERKIT_LORA_SIBLINGS", "0")
+    model = adapted()
+    assert all(m._siblings is None for m in model.modules() if isinstance(m, LoraLinear))
+    _, _, seen = step(model, input_ids(batch=2, length=9))
+    assert GROUPED not in seen.values()
+    monkeypatch.setenv("ADAPTERKIT_LORA_SIBLINGS", "1")
+    link_siblings(model, LoraLinear)
+    assert model.model.layers[0].self_attn.q_proj._siblings is not None

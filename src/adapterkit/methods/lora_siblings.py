@@ -17,6 +17,8 @@ holds its group in `_siblings`.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -26,6 +28,8 @@ from ..kernels.lora_linear import _autocast_on, get_backend
 # Sibling names, in the order the model calls them (the first present is the leader).
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"),
             ("w1", "w3"))
+# ADAPTERKIT_LORA_SIBLINGS=0: no groups (every layer its own node), read at each attach.
+_ENV = "ADAPTERKIT_LORA_SIBLINGS"
 
 
 class SiblingGroup:
@@ -96,10 +100,12 @@ def _spec(layer: nn.Module, x: torch.Tensor) -> tuple | None:
     return weight, bias, a, b, float(scaling)
 
 
-def link_siblings(model: nn.Module, layer_type: type, names: tuple[tuple[str, ...], ...] = SIBLINGS) -> int:
-    """Give every set of two or more `layer_type` siblings in `model` (by `names`) one SiblingGroup, and every other
-    such layer none; returns the number of groups. Safe to call again after layers were added or replaced; `names=()`
-    leaves every layer on its own node."""
+def link_siblings(model: nn.Module, layer_type: type, names: tuple[tuple[str, ...], ...] | None = None) -> int:
+    """Give every set of two or more `layer_type` siblings in `model` (by `names`, default SIBLINGS, or none where
+    ADAPTERKIT_LORA_SIBLINGS=0) one SiblingGroup, and every other such layer none; returns the number of groups. Safe
+    to call again after layers were added or replaced; `names=()` leaves every layer on its own node."""
+    if names is None:
+        names = () if os.environ.get(_ENV, "1").strip().lower() in ("0", "off", "false") else SIBLINGS
     for module in model.modules():
         if isinstance(module, layer_type):
             module._set_plain(_siblings=None)
