@@ -175,6 +175,17 @@ class CudaLauncher:
         self.log.append(("direct", args))
 
 
+class Returning(FakeJit):
+    """A stand-in JIT whose calls return a given compiled object."""
+
+    def __init__(self, log, compiled):
+        super().__init__()
+        self.log, self.result = log, compiled
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append(("jit", grid)) or self.result
+
+
 def test_triton_3_6_launchers_are_entered_in_c(bindable, monkeypatch):
     """With Triton 3.6 and a kernel without scratch memory, the bound launcher calls the launcher's C entry with the
     arguments its Python `__call__` would pass (scratch buffers None); another version, or scratch memory, keeps the
@@ -196,13 +207,3 @@ def test_triton_3_6_launchers_are_entered_in_c(bindable, monkeypatch):
                                  None)
             assert args[13] is x and args[14] is x and args[15:] == (4, 4, 16)
 
-
-class Returning(FakeJit):
-    """A stand-in JIT whose calls return a given compiled object."""
-
-    def __init__(self, log, compiled):
-        super().__init__()
-        self.log, self.result = log, compiled
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.log.append(("jit", grid)) or self.result
