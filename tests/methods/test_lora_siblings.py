@@ -221,3 +221,12 @@ def test_the_environment_switch_turns_grouping_off(monkeypatch):
     monkeypatch.setenv("ADAPTERKIT_LORA_SIBLINGS", "1")
     link_siblings(model, LoraLinear)
     assert model.model.layers[0].self_attn.q_proj._siblings is not None
+
+
+def test_autocast_takes_each_layer_alone():
+    """Under autocast the fused nodes do not apply (lora_linear's plain composition runs), grouped or not."""
+    model = adapted()
+    x = torch.randn(2, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.model.layers[0].self_attn.q_proj(x)
+    assert type(out.grad_fn).__name__ != GROUPED and model.model.layers[0].self_attn.q_proj._siblings.kept is None

@@ -284,6 +284,24 @@ def _decode_kernel(x, weight, bias, lora_a, lora_b, scaling) -> torch.Tensor | N
         return None
 
 
+def fused_node_applies(x: torch.Tensor, weight, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                       lora_b: torch.Tensor) -> bool:
+    """Whether `lora_linear`'s fused node takes these operands (`weight` a tensor or a packed base's dequantizer):
+    adapters and a float weight in x's dtype, a frozen base (while gradients are on), no autocast, and no packed base
+    under torch.compile. Otherwise `lora_linear` runs the plain composition. The siblings' grouped node
+    (`lora_group.py`) takes the same operands, so its caller asks the same question."""
+    packed = callable(weight)
+    base_trainable = (not packed and weight.requires_grad) or (bias is not None and bias.requires_grad)
+    return not (
+        (not packed and x.dtype != weight.dtype)
+        or lora_a.dtype != x.dtype
+        or lora_b.dtype != x.dtype
+        or (base_trainable and torch.is_grad_enabled())
+        or _autocast_on(x)
+        or (packed and torch.compiler.is_compiling())
+    )
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -315,15 +333,7 @@ def lora_linear(
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     packed = callable(weight)
-    base_trainable = (not packed and weight.requires_grad) or (bias is not None and bias.requires_grad)
-    if (
-        (not packed and x.dtype != weight.dtype)
-        or lora_a.dtype != x.dtype
-        or lora_b.dtype != x.dtype
-        or (base_trainable and torch.is_grad_enabled())
-        or _autocast_on(x)
-        or (packed and torch.compiler.is_compiling())
-    ):
+    if not fused_node_applies(x, weight, bias, lora_a, lora_b):
         if packed:
             weight = weight()  # the plain composition, over the dequantized weight
         if lora_a.dtype == x.dtype and lora_b.dtype == x.dtype:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..kernels.lora_group import grouped_lora_linear
-from ..kernels.lora_linear import _autocast_on, get_backend
+from ..kernels.lora_linear import fused_node_applies, get_backend
 
 # Sibling names, in the order the model calls them (the first present is the leader).
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"),
@@ -62,8 +62,8 @@ class SiblingGroup:
 
     def _lead(self, x: torch.Tensor) -> torch.Tensor | None:
         self.kept = None
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or _autocast_on(x) or get_backend() == "triton":
-            return None
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or get_backend() == "triton":
+            return None  # (compiled: each layer's own node traces; forced Triton: the layers' own kernels)
         specs = []
         for name, layer in zip(self.names, self.layers):
             spec = _spec(layer, x)
@@ -78,26 +78,24 @@ class SiblingGroup:
 
 def _spec(layer: nn.Module, x: torch.Tensor) -> tuple | None:
     """(W or its dequantizer, bias, A, B, scaling) for the grouped node, or None where `layer` would not take the
-    fused node itself with these operands (see LoraLinear.forward), or has dropout (not fused here)."""
-    fused, active = layer._fused, layer._active_lora
+    fused node itself with these operands (LoraLinear.forward, `fused_node_applies`), or has dropout (not fused
+    here)."""
+    fused = layer._fused
     if fused not in ("lora", "packed") or layer._routed is not None or not layer.training:
         return None
-    lora_a, lora_b, _, p, scaling = active[0]
-    a, b, dtype = lora_a.weight, lora_b.weight, x.dtype
+    lora_a, lora_b, _, p, scaling = layer._active_lora[0]
     base = layer.base_layer
-    bias = base.bias
-    if p or a.dtype is not dtype or b.dtype is not dtype or (bias is not None and (bias.dtype is not dtype
-                                                                                  or bias.requires_grad)):
-        return None
     if fused == "lora":
         weight = base.weight
-        if weight.dtype is not dtype or weight.requires_grad:
-            return None
-    else:
-        if dtype != layer.view.compute_dtype(base):
-            return None
+    elif x.dtype == layer.view.compute_dtype(base):
         weight = layer.view.dequantizer(base)
-    return weight, bias, a, b, float(scaling)
+    else:
+        return None
+    bias = base.bias
+    if p or (bias is not None and bias.dtype is not x.dtype) or not fused_node_applies(x, weight, bias, lora_a.weight,
+                                                                                         lora_b.weight):
+        return None
+    return weight, bias, lora_a.weight, lora_b.weight, float(scaling)
 
 
 def link_siblings(model: nn.Module, layer_type: type, names: tuple[tuple[str, ...], ...] | None = None) -> int:
