@@ -39,6 +39,9 @@ from random_llama import random_llama  # noqa: E402
 GIB = 1024**3
 PROFILE = False  # --profile: print the top CUDA ops of two steps per row
 HOST_PROFILE = False  # --host-profile: print where the host's Python time goes in three steps per row
+# --optimizer: AdamW "fused" (GPU default: one kernel for all tensors, what transformers' Trainer uses with torch >= 2.8
+# and adapterkit's own training loop on CUDA) or torch's default ("foreach" on CUDA). Every row takes the same one.
+OPTIMIZER = "fused"
 
 # Model shapes. Llama-3.2-1B: tied embeddings, GQA 32/8; SmolLM2-135M: tied, GQA 9/3.
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -85,6 +88,7 @@ class Result:
     ms_all: list = field(default_factory=list)
     peak_gib: float = 0.0
     trainable: int = 0
+    host_ms: float = float("nan")  # GPU: the host's time to issue a step (close to ms: the row is bound by the host)
 
 
 def build_model(shape: dict, dtype: torch.dtype, device: str):
@@ -130,7 +134,8 @@ def make_step(case: Case, shape, dtype, device, batch, seq):
     model, params = attach(model, case)
     model.train()
     embed = model.get_input_embeddings()
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    fused = {"fused": True} if OPTIMIZER == "fused" and device == "cuda" else {}
+    opt = torch.optim.AdamW(params, lr=1e-4, **fused) if params else None
 
     def step():
         # inputs_embeds as a grad-requiring leaf: the backward runs through every layer in every case, so the
@@ -152,11 +157,13 @@ def run_case(case: Case, shape, dtype, device, batch, seq, warmup, steps) -> Res
     torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         step()
-    times = []
+    times, host = [], []
     for _ in range(steps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
+        t0 = time.perf_counter()
         step()
+        host.append((time.perf_counter() - t0) * 1e3)  # the GPU starts each step idle: what the host took to issue it
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b))
@@ -187,7 +194,7 @@ def run_case(case: Case, shape, dtype, device, batch, seq, warmup, steps) -> Res
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    return Result(case, statistics.median(times), times, peak, n_trainable)
+    return Result(case, statistics.median(times), times, peak, n_trainable, statistics.median(host))
 
 
 def run_interleaved(cases: list[Case], shape, dtype, device, batch, seq, warmup, steps) -> list[Result]:
@@ -214,7 +221,7 @@ def print_table(results: list[Result], cuda: bool):
     peft_default = {r.case.group: r for r in results if r.case.impl == "peft"}
     hdr = f"{'config':<50} {'ms':>8} {'x base':>7} {'x PEFT':>7}"
     if cuda:
-        hdr += f" {'peak GiB':>9} {'+GiB':>6}"
+        hdr += f" {'peak GiB':>9} {'+GiB':>6} {'host ms':>8}"
     print(hdr)
     print("-" * len(hdr))
     for r in results:
@@ -222,7 +229,7 @@ def print_table(results: list[Result], cuda: bool):
         base = bases.get(r.case.quant, bases.get(""))
         line = f"{r.case.label:<50} {r.ms:8.1f} {r.ms / base.ms:7.3f} {r.ms / pd.ms if pd else float('nan'):7.3f}"
         if cuda:
-            line += f" {r.peak_gib:9.2f} {r.peak_gib - base.peak_gib:6.2f}"
+            line += f" {r.peak_gib:9.2f} {r.peak_gib - base.peak_gib:6.2f} {r.host_ms:8.1f}"
         print(line)
 
 
@@ -295,7 +302,8 @@ def main_train(args):
         cases = [c for c in cases if c.impl == "base" or any(s in c.label for s in args.only)]
     env = environment(device)
     print(f"# {env['device']}  torch {env['torch']}  transformers {env['transformers']}  peft {env.get('peft')}  "
-          f"batch {batch}x{seq} {str(dtype).replace('torch.', '')}  median of {steps} steps after {warmup} warm-up",
+          f"batch {batch}x{seq} {str(dtype).replace('torch.', '')}  median of {steps} steps after {warmup} warm-up"
+          f"{'  AdamW ' + OPTIMIZER if cuda else ''}",
           flush=True)
     if not cuda:
         results = run_interleaved(cases, shape, dtype, device, batch, seq, warmup, steps)
@@ -475,9 +483,11 @@ def main():
     ap.add_argument("--profile", action="store_true", help="GPU: print the top CUDA ops of two steps per row")
     ap.add_argument("--host-profile", action="store_true",
                     help="GPU: print the functions taking the host's time in three steps per row (cProfile)")
+    ap.add_argument("--optimizer", choices=["fused", "foreach"], default="fused",
+                    help="GPU: AdamW fused (the default) or torch's default (foreach)")
     args = ap.parse_args()
-    global PROFILE, HOST_PROFILE
-    PROFILE, HOST_PROFILE = args.profile, args.host_profile
+    global PROFILE, HOST_PROFILE, OPTIMIZER
+    PROFILE, HOST_PROFILE, OPTIMIZER = args.profile, args.host_profile, args.optimizer
     if args.micro:
         main_micro(args)
     else:

@@ -18,6 +18,7 @@ from torch import nn
 
 from .base_layers import BaseView, LinearView, register_view, view_of
 from .errors import ConfigError, TargetError
+from .kernels import dequant4
 from .quantized_torchao import TorchaoView
 from .state import adapter_state
 
@@ -96,16 +97,26 @@ def _expanded_absmax(state) -> torch.Tensor:
 
 def _dequantizer_4bit(param: torch.Tensor, dtype: torch.dtype):
     """A zero-argument callable giving a standard-layout `Params4bit`'s (out, in) values in `dtype`, as bitsandbytes'
-    matmul dequantizes them: one dequantize op (the absmax kept expanded), nothing else on the hot path."""
+    matmul dequantizes them, with the absmax kept expanded: on CUDA, for a weight stored in `dtype`, one Triton launch
+    (`kernels/dequant4.py`, kept on the parameter while its data and absmax stay the same); else bitsandbytes' op."""
     state = param.quant_state
+    absmax = _expanded_absmax(state)
+    kept = getattr(param, "_adapterkit_dequant", None)
+    if (kept is not None and kept.source is absmax and kept.dtype is dtype and kept.ptr == param.data_ptr()
+            and dequant4.enabled()):
+        return kept
     data = param.data
     if data.dim() != 2 or data.shape[1] != 1:  # a packed layout the op does not take as is: bitsandbytes' own call
         import bitsandbytes.functional as bnb_f
 
         return lambda: bnb_f.dequantize_4bit(data, state).to(dtype)
-    op = torch.ops.bitsandbytes.dequantize_4bit.default
-    absmax = _expanded_absmax(state)
     blocksize, quant_type, shape, stored = state.blocksize, state.quant_type, state.shape, state.dtype
+    if stored is dtype and dequant4.available(data.device):
+        kept = dequant4.Dequant4(data, absmax, blocksize, quant_type, shape, dtype)
+        kept.source, kept.ptr = absmax, param.data_ptr()
+        param._adapterkit_dequant = kept
+        return kept
+    op = torch.ops.bitsandbytes.dequantize_4bit.default
     if stored is dtype:
         return lambda: op(data, absmax, blocksize, quant_type, shape, stored)
     return lambda: op(data, absmax, blocksize, quant_type, shape, stored).to(dtype)

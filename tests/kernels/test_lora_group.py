@@ -1,5 +1,6 @@
 """The siblings' one node (`grouped_lora_linear`) against each sibling's plain composition: outputs and every
-gradient, mixed ranks and biases, a dequantizing weight callable, frozen inputs, outputs left unused; CUDA in bf16."""
+gradient, mixed ranks and biases, a dequantizing weight callable, one joint dequantizer for all siblings, frozen
+inputs, outputs left unused; CUDA in bf16."""
 
 from __future__ import annotations
 
@@ -44,12 +45,28 @@ def grads_of(x, layers, outs, used):
     return dict(zip([id(t) for t in wanted], got)), wanted
 
 
-def compare(x, layers, dtype, used=(0, 1, 2), need_x=True, need_ab=True, callable_weight=False, tol=1e-5):
+class Stacked:
+    """A stand-in joint dequantizer: every sibling's weight stacked, counting its calls."""
+
+    def __init__(self, weights):
+        self.weights, self.calls = weights, 0
+        starts = [sum(w.shape[0] for w in weights[:i]) for i in range(len(weights))]
+        self.rows = tuple((start, w.shape[0]) for start, w in zip(starts, weights))
+
+    def __call__(self):
+        self.calls += 1
+        return torch.cat(self.weights)
+
+
+def compare(x, layers, dtype, used=(0, 1, 2), need_x=True, need_ab=True, callable_weight=False, tol=1e-5,
+            joint=None):
     xr, lr = leaves(x, layers, need_x, need_ab)
     ref = [lora_linear_reference(xr, w, b, a, bb, s) for w, b, a, bb, s in lr]
     xg, lg = leaves(x, layers, need_x, need_ab)
     specs = [((lambda w=w: w) if callable_weight else w, b, a, bb, s) for w, b, a, bb, s in lg]
-    outs = grouped_lora_linear(xg, specs)
+    if joint is not None:
+        specs = [(None, *spec[1:]) for spec in specs]  # the joint dequantizer alone gives the weights
+    outs = grouped_lora_linear(xg, specs, joint)
     assert len(outs) == len(layers)
     for got, want in zip(outs, ref):
         assert got.shape == want.shape and got.dtype == dtype
@@ -73,6 +90,16 @@ def test_outputs_and_gradients_match_each_sibling_alone():
 def test_a_dequantizing_weight_callable_gives_the_same():
     x, layers = operands(seed=1)
     compare(x, layers, torch.float32, callable_weight=True)
+
+
+def test_a_joint_dequantizer_is_called_once_per_direction():
+    x, layers = operands(seed=6)
+    joint = Stacked([layer[0] for layer in layers])
+    compare(x, layers, torch.float32, joint=joint)
+    assert joint.calls == 2  # forward, then backward for dX
+    joint = Stacked([layer[0] for layer in layers])
+    compare(x, layers, torch.float32, need_x=False, joint=joint)
+    assert joint.calls == 1  # no input gradient: not dequantized again
 
 
 def test_frozen_input_or_frozen_factors():

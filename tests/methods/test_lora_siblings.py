@@ -89,6 +89,32 @@ def test_a_training_step_on_a_4bit_base_matches_each_layer_alone():
     assert sum(v == GROUPED for v in seen.values()) == 5 * len(model.model.layers)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_4bit_base_on_cuda_dequantizes_each_group_in_one_launch():
+    """bf16 on CUDA: the siblings' weights come from one joint dequantize launch, and the step is bit for bit the
+    step with bitsandbytes' own dequantize op."""
+    pytest.importorskip("bitsandbytes")
+    from adapterkit.kernels import dequant4
+    from helpers import build
+
+    model = ak.quantize_model(build("llama", hidden=64, seed=0).to("cuda", torch.bfloat16), "nf4",
+                              compute_dtype=torch.bfloat16)
+    model = adapted(model)
+    ids = input_ids(batch=2, length=9).cuda()
+    loss, grads, seen = step(model, ids)
+    assert sum(v == GROUPED for v in seen.values()) == 5 * len(model.model.layers)
+    groups = {id(m._siblings): m._siblings for m in model.modules() if isinstance(m, LoraLinear) and m._siblings}
+    assert groups and all(isinstance(g.joint, dequant4.JointDequant4) for g in groups.values())
+    dequant4.set_enabled(False)
+    try:
+        loss_bnb, grads_bnb, _ = step(model, ids)
+        assert all(g.joint is None for g in groups.values())
+    finally:
+        dequant4.set_enabled(True)
+    assert torch.equal(loss, loss_bnb) and grads.keys() == grads_bnb.keys()
+    assert all(torch.equal(grads[n], grads_bnb[n]) for n in grads)
+
+
 def test_input_recompute_mode_gives_the_same_step(monkeypatch):
     from adapterkit.kernels import recompute
 

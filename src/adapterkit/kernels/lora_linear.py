@@ -98,12 +98,51 @@ def hash_keep_mask(n_rows: int, n_cols: int, p: float, seed: int | torch.Tensor,
     return ((h >> 8) >= int(round(p * (1 << 24)))).view(n_rows, n_cols)
 
 
+_zeros: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # (device index, dtype) -> a 0-d tensor: addmm's ignored input
+
+
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float, bias: torch.Tensor | None = None) -> torch.Tensor:
     """s · a @ b (+ bias) as one GEMM into a fresh tensor."""
     if bias is not None:
         return torch.addmm(bias, a, b, alpha=s)
-    out = torch.empty(a.shape[0], b.shape[1], device=a.device, dtype=a.dtype)
-    return out.addmm_(a, b, beta=0, alpha=s)  # beta=0: the uninitialised contents are ignored
+    if torch.compiler.is_compiling():  # traced: no kept tensor (it would be a graph constant)
+        out = torch.empty(a.shape[0], b.shape[1], device=a.device, dtype=a.dtype)
+        return out.addmm_(a, b, beta=0, alpha=s)
+    key = (a.get_device(), a.dtype)
+    ignored = _zeros.get(key)
+    if ignored is None:
+        with torch.inference_mode(False):
+            ignored = _zeros[key] = torch.zeros((), device=a.device, dtype=a.dtype)
+    # beta=0: addmm ignores its input's values (NaN included) and allocates the output itself, one host call fewer
+    # than an empty tensor and addmm_ into it; the same GEMM kernel.
+    return torch.addmm(ignored, a, b, beta=0, alpha=s)
+
+
+_rank_failed = False  # the rank-r forward kernel failed once here: cuBLAS from then on
+
+
+def rank_kernel(x2d: torch.Tensor, lora_a: torch.Tensor, outputs) -> tuple[torch.Tensor, list] | None:
+    """Training forward's rank-r part in one Triton launch (`_triton_lora_fwd`): (xa, [s_i·xa_i·B_iᵀ + bias_i]) for
+    `outputs` ((B_i, bias_i, s_i) per output, their ranks summing to A's rows), or None where the cuBLAS GEMMs run
+    instead: the torch backend chosen, fp32, under torch.compile, non-contiguous operands, a bias in another dtype,
+    no usable Triton, or a call the kernel does not take (its module says which). The caller checks that x is on
+    CUDA and that every operand has its dtype."""
+    global _rank_failed
+    if _backend == "torch" or _rank_failed or x2d.dtype not in _DECODE_DTYPES or torch.compiler.is_compiling():
+        return None
+    mod = kernels("_triton_lora_fwd")
+    if mod is None or not x2d.is_contiguous() or not lora_a.is_contiguous():
+        return None
+    for lora_b, bias, _ in outputs:
+        if not lora_b.is_contiguous() or (bias is not None and (bias.dtype is not x2d.dtype or not bias.is_contiguous())):
+            return None
+    try:
+        return mod.rank_forward(x2d, lora_a, outputs)
+    except Exception as exc:  # the cuBLAS path is always correct
+        _rank_failed = True
+        warnings.warn(f"LoRA rank-r forward kernel failed ({type(exc).__name__}: {exc}); using cuBLAS.", RuntimeWarning,
+                      stacklevel=3)
+        return None
 
 
 def dropout_mask(x: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor:
@@ -127,18 +166,24 @@ class _LoraLinearFn(torch.autograd.Function):
         lead, n_in = x.shape[:-1], x.shape[-1]
         x2d = x.reshape(-1, n_in)  # (N, in); a view when x is contiguous, so saving it costs nothing
         mask = None
-        if use_triton:
-            x2d = x2d.contiguous()
-            xa = _triton().lora_a_forward(x2d, lora_a.contiguous(), p, seed)  # dropout fused in, scale included
-        elif p == 0.0:
-            xa = torch.mm(x2d, lora_a.t())  # (N, r)
-        elif isinstance(seed, torch.Tensor):  # compiled: the hash mask, regenerated in backward instead of saved
-            keep = hash_keep_mask(x2d.shape[0], n_in, p, seed, x.device)
-            xa = torch.mm(x2d * keep, lora_a.t()).mul_(1.0 / (1.0 - p))
+        fused = None
+        if p == 0.0 and not use_triton and x.is_cuda:
+            fused = rank_kernel(x2d, lora_a, ((lora_b, bias, scaling),))
+        if fused is not None:
+            xa, (out,) = fused  # x·Aᵀ and s·xa Bᵀ + bias in one launch
         else:
-            mask = torch_keep_mask(x2d.shape, p, seed, x.device)
-            xa = torch.mm(x2d * mask, lora_a.t()).mul_(1.0 / (1.0 - p))
-        out = _scaled_mm(xa, lora_b.t(), scaling, bias)  # (N, out) = s·xa Bᵀ + bias
+            if use_triton:
+                x2d = x2d.contiguous()
+                xa = _triton().lora_a_forward(x2d, lora_a.contiguous(), p, seed)  # dropout fused in, scale included
+            elif p == 0.0:
+                xa = torch.mm(x2d, lora_a.t())  # (N, r)
+            elif isinstance(seed, torch.Tensor):  # compiled: the hash mask, regenerated in backward instead of saved
+                keep = hash_keep_mask(x2d.shape[0], n_in, p, seed, x.device)
+                xa = torch.mm(x2d * keep, lora_a.t()).mul_(1.0 / (1.0 - p))
+            else:
+                mask = torch_keep_mask(x2d.shape, p, seed, x.device)
+                xa = torch.mm(x2d * mask, lora_a.t()).mul_(1.0 / (1.0 - p))
+            out = _scaled_mm(xa, lora_b.t(), scaling, bias)  # (N, out) = s·xa Bᵀ + bias
         # A packed base hands a callable that dequantizes: the float weight lives only around its GEMM.
         weight_fn = weight if callable(weight) else None
         out.addmm_(x2d, (weight_fn() if weight_fn is not None else weight).t())  # += x Wᵀ, in the GEMM's epilogue

@@ -22,6 +22,7 @@ import os
 import torch
 from torch import nn
 
+from ..kernels.dequant4 import joint_dequantizer
 from ..kernels.lora_group import grouped_lora_linear
 from ..kernels.lora_linear import fused_node_applies, get_backend
 
@@ -40,6 +41,7 @@ class SiblingGroup:
         self.parent, self.names = parent, names
         self.layers = tuple(parent._modules[name] for name in names)
         self.kept: tuple | None = None  # (x, x's version, {layer index: (output, A, A's version, B, B's version)})
+        self.joint = None  # a 4-bit base's one dequantizer for every sibling (dequant4.JointDequant4), or None
 
     def __call__(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if layer is self.layers[0]:
@@ -70,10 +72,21 @@ class SiblingGroup:
             if spec is None or self.parent._modules.get(name) is not layer:  # not fused, or no longer in the model
                 return None
             specs.append(spec)
-        outs = grouped_lora_linear(x, specs)
+        outs = grouped_lora_linear(x, specs, self._joint([spec[0] for spec in specs]))
         self.kept = (x, x._version, {i: (outs[i], specs[i][2], specs[i][2]._version, specs[i][3],
                                          specs[i][3]._version) for i in range(1, len(specs))})
         return outs[0]
+
+
+    def _joint(self, weights: list):
+        """One dequantize launch for the siblings' 4-bit weights where they can share one (kept while every
+        sibling's dequantizer stays the same object), else None."""
+        joint = self.joint
+        if joint is not None and len(joint.members) == len(weights) and all(
+                a is b for a, b in zip(joint.members, weights)):
+            return joint
+        self.joint = joint = joint_dequantizer(weights)
+        return joint
 
 
 def _spec(layer: nn.Module, x: torch.Tensor) -> tuple | None:
