@@ -8,10 +8,11 @@ packed codes hold two per byte, the high nibble first; absmax is float32 per blo
 (`quantized._expanded_absmax`).
 
 Why not bitsandbytes' op: a training step on a 4-bit base dequantizes every layer's weight twice (forward and
-backward), and that step is close to bound by the host issuing work. bitsandbytes' op costs the host about 34 µs a
-call on an H200's host (a torch.library Python kernel around a ctypes call, bench/README.md); this launch is a
-bound launcher call (`direct_launch.py`). And sibling projections (q/k/v, gate/up), whose weights share their input
-width, are dequantized by one launch into one (Σ out, in) buffer, where bitsandbytes needs a call each.
+backward), and that step's forward is bound by the host issuing work. bitsandbytes' op costs the host 19.6-34 µs a
+call on an H200's host (a torch.library Python kernel around a ctypes call); this launch, called through its bound
+launcher (`direct_launch.py`), 11.2 µs, and its GPU time is lower too (18.1 against 23.4 µs for 8192x2048;
+bench/README.md, seventh pass). Sibling projections (q/k/v, gate/up), whose weights share their input width, are
+dequantized by one launch into one (Σ out, in) buffer, where bitsandbytes needs a call each.
 
 Each program writes BLOCK consecutive elements of one weight (one segment of the output); the grid covers the
 segments one after another. Imported only where Triton can run, by `quantized.py`.
