@@ -11,6 +11,7 @@ variants timed against the bare base GEMM (GPU only). Results go to $OUT as JSON
 
     python bench/train_step.py            # GPU table (LoRA and QLoRA rows)
     python bench/train_step.py --only nf4 # GPU, QLoRA rows only
+    python bench/train_step.py --interleave --only nf4   # GPU, the rows stepped in turn (host drift on all alike)
     python bench/train_step.py --cpu      # CPU table
     python bench/train_step.py --cpu --qlora --small --steps 2 --warmup 1   # smoke test of every row, CPU
     python bench/train_step.py --micro    # per-linear kernel variants (GPU)
@@ -197,23 +198,58 @@ def run_case(case: Case, shape, dtype, device, batch, seq, warmup, steps) -> Res
     return Result(case, statistics.median(times), times, peak, n_trainable, statistics.median(host))
 
 
+def _backend_of(case: Case) -> str:
+    part = case.impl.split("-")[1] if case.impl.startswith("adapterkit-") else ""
+    return part if part in ("torch", "triton") else "auto"
+
+
 def run_interleaved(cases: list[Case], shape, dtype, device, batch, seq, warmup, steps) -> list[Result]:
-    """CPU: all cases built up front and stepped in turn, round after round, so that load from other processes
-    on a shared machine falls on every case alike."""
+    """All cases built up front and stepped in turn, one step each per round, so that a host or machine whose speed
+    drifts (other processes on a shared CPU; a GPU machine's host, bench/README.md) weighs on every case alike. The
+    CPU table always runs so; the GPU one with --interleave.
+
+    GPU: each step is timed from an idle GPU with CUDA events (and the host's issue time beside it); a case's peak
+    is what it keeps resident (model, optimizer state, measured after its warm-up) plus the most its steps allocate
+    on top, which is the peak it has alone."""
     from adapterkit.kernels import set_backend
 
+    cuda = device == "cuda"
     built = []
     for case in cases:
-        built.append(make_step(case, shape, dtype, device, batch, seq))
-        set_backend("auto")
+        before = torch.cuda.memory_allocated() if cuda else 0
+        step, n_trainable = make_step(case, shape, dtype, device, batch, seq)
+        set_backend(_backend_of(case))
+        for _ in range(warmup):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        built.append((step, n_trainable, (torch.cuda.memory_allocated() - before) if cuda else 0))
+    set_backend("auto")
     times: list[list[float]] = [[] for _ in cases]
-    for rnd in range(warmup + steps):
-        for k, (step, _) in enumerate(built):
+    host: list[list[float]] = [[] for _ in cases]
+    extra = [0] * len(cases)
+    for _ in range(steps):
+        for k, (step, _, _) in enumerate(built):
+            set_backend(_backend_of(cases[k]))
+            if cuda:
+                torch.cuda.synchronize()
+                allocated = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
             t0 = time.perf_counter()
             step()
-            if rnd >= warmup:
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    return [Result(c, statistics.median(t), t, 0.0, n) for c, t, (_, n) in zip(cases, times, built)]
+            host[k].append((time.perf_counter() - t0) * 1e3)
+            if cuda:
+                end.record()
+                end.synchronize()
+                times[k].append(start.elapsed_time(end))
+                extra[k] = max(extra[k], torch.cuda.max_memory_allocated() - allocated)
+            else:
+                times[k].append(host[k][-1])
+    set_backend("auto")
+    return [Result(c, statistics.median(t), t, (resident + e) / GIB, n, statistics.median(h) if cuda else float("nan"))
+            for c, t, h, e, (_, n, resident) in zip(cases, times, host, extra, built)]
 
 
 def print_table(results: list[Result], cuda: bool):
@@ -305,7 +341,7 @@ def main_train(args):
           f"batch {batch}x{seq} {str(dtype).replace('torch.', '')}  median of {steps} steps after {warmup} warm-up"
           f"{'  AdamW ' + OPTIMIZER if cuda else ''}",
           flush=True)
-    if not cuda:
+    if not cuda or args.interleave:
         results = run_interleaved(cases, shape, dtype, device, batch, seq, warmup, steps)
     else:
         results = []
@@ -483,9 +519,14 @@ def main():
     ap.add_argument("--profile", action="store_true", help="GPU: print the top CUDA ops of two steps per row")
     ap.add_argument("--host-profile", action="store_true",
                     help="GPU: print the functions taking the host's time in three steps per row (cProfile)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="GPU: build every row first, then step them in turn (one step each per round), so that a "
+                         "host whose speed drifts weighs on every row alike (the CPU table always runs so)")
     ap.add_argument("--optimizer", choices=["fused", "foreach"], default="fused",
                     help="GPU: AdamW fused (the default) or torch's default (foreach)")
     args = ap.parse_args()
+    if args.interleave and (args.profile or args.host_profile):
+        ap.error("--interleave times rows in turn; profile them without it")
     global PROFILE, HOST_PROFILE, OPTIMIZER
     PROFILE, HOST_PROFILE, OPTIMIZER = args.profile, args.host_profile, args.optimizer
     if args.micro:
