@@ -172,3 +172,21 @@ def triton_device() -> str | None:
     if torch.cuda.is_available():
         return "cuda"
     return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
+
+
+def stand_in_kernels(monkeypatch, module, function: str, answer, failed_flag: str) -> list:
+    """Give `module` (which finds its Triton kernels through `kernels(name)`) a stand-in kernel module whose
+    `function` returns `answer`, or raises it when it is an exception; `failed_flag` (the module's "the kernel
+    failed once" switch) is reset. Returns the log of the stand-in's calls (their arguments)."""
+    calls = []
+
+    def run(*args):
+        calls.append(args)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    stand_in = type("StandInKernels", (), {function: staticmethod(run)})()
+    monkeypatch.setattr(module, "kernels", lambda name: stand_in)
+    monkeypatch.setattr(module, failed_flag, False)
+    return calls

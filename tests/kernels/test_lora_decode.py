@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from adapterkit.kernels.lora_linear import lora_infer
-from helpers import triton_device
+from helpers import stand_in_kernels, triton_device
 
 module = importlib.import_module("adapterkit.kernels.lora_linear")  # the package exports a function of that name
 
@@ -150,19 +150,8 @@ def test_new_shapes_are_announced_once_and_oversized_ones_refused(kernels):
 
 
 def stand_in(monkeypatch, answer) -> list:
-    """Replace the kernel module with one whose lora_decode returns `answer` (or raises it); returns its call log."""
-    calls = []
-
-    class Kernels:
-        def lora_decode(self, *args):
-            calls.append(args)
-            if isinstance(answer, Exception):
-                raise answer
-            return answer
-
-    monkeypatch.setattr(module, "kernels", lambda name: Kernels())
-    monkeypatch.setattr(module, "_decode_failed", False)
-    return calls
+    """The kernel module replaced by one whose lora_decode returns `answer` (or raises it); returns its call log."""
+    return stand_in_kernels(monkeypatch, module, "lora_decode", answer, "_decode_failed")
 
 
 def test_a_failing_kernel_warns_once_and_cublas_answers(monkeypatch):

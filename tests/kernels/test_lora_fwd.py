@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from adapterkit.kernels.reference import lora_linear_reference
-from helpers import triton_device
+from helpers import stand_in_kernels, triton_device
 
 module = importlib.import_module("adapterkit.kernels.lora_linear")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -92,18 +92,8 @@ def test_refusals(kernels):
 
 
 def stand_in(monkeypatch, answer) -> list:
-    calls = []
-
-    class Kernels:
-        def rank_forward(self, *args):
-            calls.append(args)
-            if isinstance(answer, Exception):
-                raise answer
-            return answer
-
-    monkeypatch.setattr(module, "kernels", lambda name: Kernels())
-    monkeypatch.setattr(module, "_rank_failed", False)
-    return calls
+    """The kernel module replaced by one whose rank_forward returns `answer` (or raises it); returns its call log."""
+    return stand_in_kernels(monkeypatch, module, "rank_forward", answer, "_rank_failed")
 
 
 def test_a_failing_kernel_warns_once_and_cublas_answers(monkeypatch):
