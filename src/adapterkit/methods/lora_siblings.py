@@ -77,7 +77,6 @@ class SiblingGroup:
                                          specs[i][3]._version) for i in range(1, len(specs))})
         return outs[0]
 
-
     def _joint(self, weights: list):
         """One dequantize launch for the siblings' 4-bit weights where they can share one (kept while every
         sibling's dequantizer stays the same object), else None."""
