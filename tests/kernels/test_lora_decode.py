@@ -142,6 +142,7 @@ def test_new_shapes_are_announced_once_and_oversized_ones_refused(kernels):
         close(kernels.lora_decode(x[:rows], w, b, a, bb, 1.0, announce), reference(x[:rows], w, b, a, bb, 1.0), HALF)
     assert seen == [(5, 32), (3, 32)]
     assert kernels.lora_decode(x, w, b, a, bb, 1.0, announce) is None
+    assert kernels.lora_decode(x[:0], w, b, a, bb, 1.0, announce) is None  # no rows: nothing to launch
     huge = torch.empty(2**31, dtype=HALF, device="meta").as_strided((2**20, 2**11), (2**11, 1))
     xm, am = (torch.empty(shape, dtype=HALF, device="meta") for shape in ((4, 2**11), (4, 2**11)))
     bm = torch.empty(2**20, 4, dtype=HALF, device="meta")

@@ -86,6 +86,7 @@ def test_refusals(kernels):
     assert kernels.rank_forward(x, a, four) is None
     many_rows = torch.empty(kernels.MAX_ROWS + 1, 32, dtype=HALF, device="meta")
     assert kernels.rank_forward(many_rows, a, outputs) is None
+    assert kernels.rank_forward(x[:0], a, outputs) is None  # no rows: nothing to launch
     long_k = torch.empty(4, 2**15, dtype=HALF, device="meta")
     assert kernels.rank_forward(long_k, torch.empty(4, 2**15, dtype=HALF, device="meta"), outputs) is None
     assert kernels.rank_forward(x, a, outputs) is not None  # and the shapes it takes still run

@@ -97,8 +97,8 @@ _plans: dict[tuple, _Plan | None] = {}
 
 
 def _new_plan(m: int, n: int, k: int, r: int, scale: float, has_bias: bool) -> _Plan | None:
-    if m > MAX_ROWS or n * k >= 2**31 or r * k >= 2**31:  # launch-bound no longer; the kernel indexes with int32
-        return None
+    if not 0 < m <= MAX_ROWS or n * k >= 2**31 or r * k >= 2**31:  # no rows: no grid; more: launch-bound no
+        return None  # longer; and the kernel indexes with int32
     key = (n, k, r, scale, has_bias)
     entry = _launches.get(key)
     if entry is None:
@@ -110,8 +110,8 @@ def _new_plan(m: int, n: int, k: int, r: int, scale: float, has_bias: bool) -> _
 def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float, on_new_shape=None, capturing: bool = False) -> torch.Tensor | None:
     """x (..., K) · Wᵀ + bias + s·round(x Aᵀ) Bᵀ in one launch, into a new (..., N) tensor; None where the kernel
-    does not take this call: more than MAX_ROWS rows, a weight of 2³¹ elements or more, and while a CUDA graph is
-    captured (`capturing`) K > GRAPH_MAX_K or a shape not yet launched and bound outside the capture.
+    does not take this call: no rows or more than MAX_ROWS, a weight of 2³¹ elements or more, and while a CUDA graph
+    is captured (`capturing`) K > GRAPH_MAX_K or a shape not yet launched and bound outside the capture.
 
     The caller checks the rest: every operand contiguous, in one dtype (bf16 or fp16), on one device. This is the
     eager decode step's hot path, so it is one lookup, one allocation and one launch; `on_new_shape(x, weight, bias,

@@ -108,8 +108,8 @@ MAX_ROWS = 2**16  # with K and every N below 2**15, no offset passes int32
 def rank_forward(x: torch.Tensor, a: torch.Tensor, outputs) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
     """(xa, [out_i]) for x (M, K) and a (R, K), `outputs` a sequence of (B_i (N_i, r_i), bias_i or None, s_i) with
     Σ r_i = R; None where the kernel does not take the call (padded rank over MAX_RANK, more than MAX_SEGMENTS
-    outputs, more than MAX_ROWS rows, a width of 2¹⁵ or more). The caller checks the rest: every operand contiguous
-    and on one CUDA device (or Triton's interpreter), one dtype (bf16 or fp16)."""
+    outputs, no rows or more than MAX_ROWS, a width of 2¹⁵ or more). The caller checks the rest: every operand
+    contiguous and on one CUDA device (or Triton's interpreter), one dtype (bf16 or fp16)."""
     m, k = x.shape
     r = a.shape[0]
     shapes = tuple((b.shape[0], b.shape[1], bias is not None) for b, bias, _ in outputs)
@@ -118,7 +118,7 @@ def rank_forward(x: torch.Tensor, a: torch.Tensor, outputs) -> tuple[torch.Tenso
     plan = _plans.get(key, _plans)
     if plan is _plans:
         plan = _plans[key] = _new_plan(k, r, shapes)
-    if plan is None or m > MAX_ROWS:
+    if plan is None or not 0 < m <= MAX_ROWS:  # no rows: no grid to launch (cuBLAS returns the empty outputs)
         return None
     if 0 <= device != torch.cuda.current_device():  # Triton launches on the current device, not the inputs'
         with torch.cuda.device(device):

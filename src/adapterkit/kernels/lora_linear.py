@@ -134,7 +134,8 @@ def rank_kernel(x2d: torch.Tensor, lora_a: torch.Tensor, outputs) -> tuple[torch
     if mod is None or not x2d.is_contiguous() or not lora_a.is_contiguous():
         return None
     for lora_b, bias, _ in outputs:
-        if not lora_b.is_contiguous() or (bias is not None and (bias.dtype is not x2d.dtype or not bias.is_contiguous())):
+        if not lora_b.is_contiguous() or (bias is not None and (bias.dtype is not x2d.dtype
+                                                                 or not bias.is_contiguous())):
             return None
     try:
         return mod.rank_forward(x2d, lora_a, outputs)
