@@ -1,7 +1,8 @@
 """The Triton 4-bit dequantizer against bitsandbytes' own op, bit for bit: NF4 and FP4, output dtypes, blocksizes,
 storage dtypes, sizes that end inside a program's block, odd element counts; the joint launch for siblings against
-the members stacked, and the cases it refuses; what pickling and copying leave; where it runs (`available`) and
-that the quantized layer's training path takes it on CUDA (and keeps it while the weight stays the same).
+the members stacked, and the cases it refuses; what pickling and copying leave; a kernel that fails (bitsandbytes'
+op answers, on any machine); where it runs (`available`) and that the quantized layer's training path takes it on
+CUDA (and keeps it while the weight stays the same).
 
 The kernel runs on CUDA, or on a CPU under Triton's interpreter (`TRITON_INTERPRET=1` with triton installed), else
 those tests skip. The interpreter rounds float32 to bf16 by truncation where CUDA rounds to nearest, so bf16 output
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -24,12 +26,13 @@ bnb = pytest.importorskip("bitsandbytes")
 bnb_f = pytest.importorskip("bitsandbytes.functional")
 DEVICE = triton_device()
 kernel_device = pytest.mark.skipif(DEVICE is None, reason="the Triton kernel needs CUDA (or TRITON_INTERPRET=1)")
+needs_triton = pytest.mark.usefixtures("_triton")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 WIDTHS = [128] + ([96] if DEVICE == "cuda" else [])  # 96: blocks of 64 run across rows
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def _triton():
     pytest.importorskip("adapterkit.kernels._triton_dequant4", reason="triton is not installed")
 
@@ -46,6 +49,7 @@ def quantized(out, n_in, dtype, quant_type="nf4", blocksize=64, storage=torch.ui
 
 
 @kernel_device
+@needs_triton
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n_in", WIDTHS)
@@ -58,6 +62,7 @@ def test_matches_bitsandbytes_bit_for_bit(quant_type, dtype, n_in):
 
 
 @kernel_device
+@needs_triton
 @pytest.mark.parametrize("blocksize", [32, 128, 256])
 def test_other_blocksizes_and_a_larger_weight(blocksize):
     codes, absmax, shape, expected = quantized(96, 256, torch.float16, blocksize=blocksize)
@@ -65,6 +70,7 @@ def test_other_blocksizes_and_a_larger_weight(blocksize):
 
 
 @kernel_device
+@needs_triton
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32, torch.int8], ids=str)
 def test_any_quant_storage(storage):
     codes, absmax, shape, expected = quantized(32, 64, torch.float32, storage=storage)
@@ -73,6 +79,7 @@ def test_any_quant_storage(storage):
 
 
 @kernel_device
+@needs_triton
 def test_odd_element_count():
     # 5 x 7 = 35 elements: the last byte holds one code (its low nibble is padding, never written out).
     codes, absmax, shape, expected = quantized(5, 7, torch.float32)
@@ -80,6 +87,7 @@ def test_odd_element_count():
 
 
 @kernel_device
+@needs_triton
 @pytest.mark.parametrize("outs", [(64, 16), (40, 8, 24)])
 def test_joint_launch_is_the_members_stacked(outs):
     parts = [quantized(out, 128, torch.float16, seed=i) for i, out in enumerate(outs)]
@@ -93,6 +101,7 @@ def test_joint_launch_is_the_members_stacked(outs):
 
 
 @kernel_device
+@needs_triton
 def test_joint_refusals():
     def member(out=16, n_in=64, dtype=torch.float32, quant_type="nf4", blocksize=64):
         c, a, s, _ = quantized(out, n_in, dtype, quant_type, blocksize)
@@ -110,6 +119,7 @@ def test_joint_refusals():
 
 
 @kernel_device
+@needs_triton
 def test_bad_absmax_is_refused():
     codes, absmax, shape, _ = quantized(16, 64, torch.float32)
     with pytest.raises(ValueError, match="absmax must be float32"):
@@ -119,6 +129,7 @@ def test_bad_absmax_is_refused():
 
 
 @kernel_device
+@needs_triton
 def test_pickled_or_copied_it_becomes_none():
     codes, absmax, shape, _ = quantized(16, 64, torch.float32)
     d = dequant4.Dequant4(codes, absmax, 64, "nf4", shape, torch.float32)
@@ -127,6 +138,36 @@ def test_pickled_or_copied_it_becomes_none():
     assert copy.deepcopy(d) is None
     joint = dequant4.joint_dequantizer([d, dequant4.Dequant4(codes, absmax, 64, "nf4", shape, torch.float32)])
     assert copy.deepcopy({"joint": joint}) == {"joint": None}
+
+
+def test_a_failing_kernel_warns_once_and_bitsandbytes_answers(monkeypatch):
+    """A Triton that cannot compile the kernel: one RuntimeWarning, bitsandbytes' values for this call and every
+    later one (joint ones too), and no new dequantizer is handed out."""
+
+    class Failing:
+        def launch_for(self, *args):
+            raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(dequant4, "kernels", lambda name: Failing())
+    monkeypatch.setattr(dequant4, "_failed", False)
+    monkeypatch.setattr(dequant4, "_enabled", True)
+    g = torch.Generator().manual_seed(0)
+    parts = []
+    for out in (32, 16):
+        codes, state = bnb_f.quantize_4bit(torch.randn(out, 64, generator=g), blocksize=64, quant_type="nf4",
+                                           compress_statistics=False)
+        parts.append((dequant4.Dequant4(codes, state.absmax, 64, "nf4", state.shape, torch.float32),
+                      bnb_f.dequantize_4bit(codes, state)))
+    (first, want), (second, want2) = parts
+    joint = dequant4.JointDequant4([first, second])
+    with pytest.warns(RuntimeWarning, match="4-bit dequantize kernel failed \\(RuntimeError: PTX assembly failed\\)"):
+        assert torch.equal(first(), want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(first(), want)
+        assert torch.equal(joint(), torch.cat([want, want2]))
+    assert not dequant4.enabled() and not dequant4.available("cuda")
+    assert dequant4.joint_dequantizer([first, second]) is None
 
 
 def test_available_only_on_cuda_and_switchable(monkeypatch):

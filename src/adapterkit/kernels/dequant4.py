@@ -11,6 +11,7 @@ runs (CUDA, standard layout, the weight stored in its compute dtype) and uses bi
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -19,6 +20,7 @@ from .optional_triton import kernels
 
 _ENV = "ADAPTERKIT_DEQUANT"  # "bitsandbytes": never this kernel (read once, `set_enabled` changes it)
 _enabled = os.environ.get(_ENV, "auto").strip().lower() not in ("bitsandbytes", "bnb", "0", "off")
+_failed = False  # the kernel failed once here (a Triton that cannot compile it): bitsandbytes' op from then on
 _tables: dict[tuple[str, int], torch.Tensor] = {}  # (quant type, device index) -> bitsandbytes' 16 values, float32
 
 
@@ -30,12 +32,20 @@ def set_enabled(enabled: bool) -> None:
 
 
 def enabled() -> bool:
-    return _enabled
+    """Not turned off, and the kernel has not failed here."""
+    return _enabled and not _failed
 
 
 def available(device: torch.device | int | str) -> bool:
-    """Whether `Dequant4` runs for tensors on `device`: CUDA with a usable Triton, not turned off."""
-    return _enabled and torch.device(device).type == "cuda" and kernels("_triton_dequant4") is not None
+    """Whether `Dequant4` runs for tensors on `device`: CUDA with a usable Triton, not turned off, never failed."""
+    return enabled() and torch.device(device).type == "cuda" and kernels("_triton_dequant4") is not None
+
+
+def _fail(exc: Exception) -> None:
+    global _failed
+    _failed = True
+    warnings.warn(f"4-bit dequantize kernel failed ({type(exc).__name__}: {exc}); using bitsandbytes' op.",
+                  RuntimeWarning, stacklevel=3)
 
 
 def code_table(quant_type: str, device: torch.device) -> torch.Tensor:
@@ -87,9 +97,10 @@ class Dequant4:
     """A standard-layout bitsandbytes 4-bit weight as a zero-argument callable returning it, (out, in) in `dtype`.
 
     codes: the packed data (any storage dtype; two codes per byte, high nibble first); absmax: float32 per block
-    (double quantization undone); shape: (out, in). The caller checks `available(codes.device)`. `source` and `ptr`
-    are its owner's (what it was built from, to tell when it is stale). Pickled or copied, it becomes None: its
-    launch holds compiled kernels, and its owner builds a new one when it finds none."""
+    (double quantization undone); shape: (out, in). The caller checks `available(codes.device)`. Should the kernel
+    fail (one warning), this and every later call return bitsandbytes' op's values instead, which are the same.
+    `source` and `ptr` are its owner's (what it was built from, to tell when it is stale). Pickled or copied, it
+    becomes None: its launch holds compiled kernels, and its owner builds a new one when it finds none."""
 
     __slots__ = ("codes", "absmax", "blocksize", "quant_type", "shape", "dtype", "numel", "table", "_launch", "source",
                  "ptr")
@@ -114,10 +125,19 @@ class Dequant4:
         return self.codes, self.absmax, self.numel
 
     def __call__(self) -> torch.Tensor:
-        launch = self._launch
-        if launch is None:
-            launch = self._launch = _Launch((self.part(),), self.blocksize, self.table)
-        return launch.into(torch.empty(self.shape, dtype=self.dtype, device=self.codes.device))
+        if not _failed:
+            try:
+                launch = self._launch
+                if launch is None:
+                    launch = self._launch = _Launch((self.part(),), self.blocksize, self.table)
+                return launch.into(torch.empty(self.shape, dtype=self.dtype, device=self.codes.device))
+            except Exception as exc:  # bitsandbytes' op is always there, with the same values
+                _fail(exc)
+        return self.by_bitsandbytes()
+
+    def by_bitsandbytes(self) -> torch.Tensor:
+        return torch.ops.bitsandbytes.dequantize_4bit.default(self.codes, self.absmax, self.blocksize,
+                                                              self.quant_type, self.shape, self.dtype)
 
 
 class JointDequant4:
@@ -134,13 +154,22 @@ class JointDequant4:
         starts = [sum(out[:i]) for i in range(len(out))]
         self.rows = tuple(zip(starts, out))
         self.dtype, self.device = first.dtype, first.codes.device
-        self._launch = _Launch([d.part() for d in members], first.blocksize, first.table)
+        self._launch: _Launch | None = None
 
     def __reduce__(self):
         return _none, ()
 
     def __call__(self) -> torch.Tensor:
-        return self._launch.into(torch.empty(self.shape, dtype=self.dtype, device=self.device))
+        if not _failed:
+            try:
+                launch = self._launch
+                if launch is None:
+                    first = self.members[0]
+                    launch = self._launch = _Launch([d.part() for d in self.members], first.blocksize, first.table)
+                return launch.into(torch.empty(self.shape, dtype=self.dtype, device=self.device))
+            except Exception as exc:  # bitsandbytes' op, a call per member
+                _fail(exc)
+        return torch.cat([d.by_bitsandbytes() for d in self.members])
 
 
 def _none() -> None:
@@ -150,7 +179,7 @@ def _none() -> None:
 def joint_dequantizer(weights: Sequence) -> JointDequant4 | None:
     """One launch for all of `weights` where they can share one: each a `Dequant4`, two to MAX_SEGMENTS of them, with
     one input width, dtype, device, quant type and blocksize. Else None (each is called on its own)."""
-    if not 2 <= len(weights) or not all(type(w) is Dequant4 for w in weights):
+    if _failed or not 2 <= len(weights) or not all(type(w) is Dequant4 for w in weights):
         return None
     mod = kernels("_triton_dequant4")
     first = weights[0]
