@@ -214,17 +214,24 @@ def run_interleaved(cases: list[Case], shape, dtype, device, batch, seq, warmup,
     from adapterkit.kernels import set_backend
 
     cuda = device == "cuda"
-    built = []
+    built, kept = [], []
     for case in cases:
         before = torch.cuda.memory_allocated() if cuda else 0
-        step, n_trainable = make_step(case, shape, dtype, device, batch, seq)
-        set_backend(_backend_of(case))
-        for _ in range(warmup):
-            step()
+        try:
+            step, n_trainable = make_step(case, shape, dtype, device, batch, seq)
+            set_backend(_backend_of(case))
+            for _ in range(warmup):
+                step()
+        except Exception as e:  # keep the other rows when one library fails
+            print(f"!! {case.label}: {type(e).__name__}: {e}", flush=True)
+            set_backend("auto")
+            continue
         if cuda:
             torch.cuda.synchronize()
         built.append((step, n_trainable, (torch.cuda.memory_allocated() - before) if cuda else 0))
+        kept.append(case)
     set_backend("auto")
+    cases = kept
     times: list[list[float]] = [[] for _ in cases]
     host: list[list[float]] = [[] for _ in cases]
     extra = [0] * len(cases)
