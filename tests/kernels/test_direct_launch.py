@@ -1,4 +1,4 @@
-"""DirectLaunch: which calls go through the JIT and which through a bound launcher, checked with a stand-in JIT
+"""DirectLaunch and FastLaunch: which calls go through the JIT and which through a bound launcher, checked with a stand-in JIT
 (the real kernels on CUDA are checked in test_gathered_lora.py and test_lora_decode.py)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adapterkit.kernels import direct_launch as module
-from adapterkit.kernels.direct_launch import DirectLaunch
+from adapterkit.kernels.direct_launch import DirectLaunch, FastLaunch
 
 
 class FakeCompiled:
@@ -156,6 +156,28 @@ def test_bound_launches_and_returns_the_launcher_for_those_arguments(bindable):
     assert launch.bound((2,), x, x, 4) is fast and kinds(jit) == ["jit", "direct", "direct"]
     jit = FakeJit(compiled=False)
     assert DirectLaunch(jit, {"K": 4, "BN": 16}).bound((1,), x, x, 4) is None and kinds(jit) == ["jit"]
+
+
+def test_fast_launch_binds_on_the_first_aligned_call_and_keys_misaligned_ones(bindable):
+    """FastLaunch: an aligned call binds (through the JIT once), later aligned calls go to the bound launcher; a
+    misaligned call takes the DirectLaunch's keyed path (its own specialisation, compiled once); with nothing to
+    bind every call takes the keyed path."""
+    jit = FakeJit()
+    run = FastLaunch(DirectLaunch(jit, {"K": 4, "BN": 16}))
+    x = torch.zeros(4)
+    run((2,), (x, x, 4), True)
+    assert kinds(jit) == ["jit"] and run.fast is not None
+    run((3,), (x, x, 4), True)
+    assert kinds(jit) == ["jit", "direct"] and jit.log[1][1][:3] == (3, 1, 1)
+    odd = torch.zeros(5)[1:]  # off 16-byte alignment
+    run((1,), (odd, odd, 4), False)
+    run((1,), (odd, odd, 4), False)
+    assert kinds(jit) == ["jit", "direct", "jit", "direct"]  # its own kernel, then its own launcher
+    jit = FakeJit(compiled=False)
+    run = FastLaunch(DirectLaunch(jit, {"K": 4, "BN": 16}))
+    run((1,), (x, x, 4), True)
+    run((1,), (x, x, 4), True)
+    assert run.fast is None and kinds(jit) == ["jit", "jit"]
 
 
 class CudaLauncher:

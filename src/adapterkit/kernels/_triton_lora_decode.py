@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .direct_launch import DirectLaunch
+from .direct_launch import DirectLaunch, FastLaunch
 
 MAX_ROWS = 128  # above this a step is no longer launch-bound enough for the kernel to pay
 GRAPH_MAX_K = 4096  # inside a CUDA graph, cuBLAS's three GEMMs are faster for longer K (the module docstring)
@@ -82,13 +82,13 @@ def _new_launch(n: int, k: int, r: int, scale: float, has_bias: bool) -> tuple[D
 
 
 class _Plan:
-    """How one call shape is launched: the compiled kernel's launch, its grid, whether graphs take it, and (once an
-    aligned call has bound it) the launcher that later aligned calls of this shape call directly."""
+    """How one call shape is launched: its grid, whether graphs take it, and the compiled kernel's launch (whose bound
+    launcher, once an aligned call has bound it, later aligned calls of this shape call directly)."""
 
-    __slots__ = ("launch", "grid", "in_graphs", "fast")
+    __slots__ = ("run", "grid", "in_graphs")
 
     def __init__(self, launch: DirectLaunch, grid: tuple[int, int], in_graphs: bool) -> None:
-        self.launch, self.grid, self.in_graphs, self.fast = launch, grid, in_graphs, None
+        self.run, self.grid, self.in_graphs = FastLaunch(launch), grid, in_graphs
 
 
 # (rows, N, K, R, scale, has bias, dtype, device) -> its _Plan, or None where the kernel does not take that shape.
@@ -123,7 +123,7 @@ def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     device = x.get_device()
     key = (m, n, k, r, scaling, bias is not None, x.dtype, device)
     plan = _plans.get(key, _plans)
-    if capturing and (plan is _plans or plan is None or plan.fast is None or not plan.in_graphs):
+    if capturing and (plan is _plans or plan is None or plan.run.fast is None or not plan.in_graphs):
         return None
     if plan is _plans:
         plan = _plans[key] = _new_plan(m, n, k, r, scaling, bias is not None)
@@ -139,12 +139,8 @@ def lora_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ptrs = x.data_ptr() | weight.data_ptr() | lora_a.data_ptr() | lora_b.data_ptr() | out.data_ptr()
     if bias is not None:
         ptrs |= bias.data_ptr()
-    if ptrs & 15:  # some operand off 16-byte alignment: another specialisation, which DirectLaunch keys itself
-        if capturing:
-            return None  # its first call would compile inside the capture
-        plan.launch(plan.grid, *args)
-    elif plan.fast is not None:
-        plan.fast(plan.grid, args)
-    else:  # the first aligned call of this shape: through the launch, which binds the launcher on the way
-        plan.fast = plan.launch.bound(plan.grid, *args)
+    aligned = not ptrs & 15  # else another specialisation, which DirectLaunch keys itself
+    if capturing and not aligned:
+        return None  # its first call would compile inside the capture
+    plan.run(plan.grid, args, aligned)
     return out

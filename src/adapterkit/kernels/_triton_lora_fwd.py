@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .direct_launch import DirectLaunch
+from .direct_launch import DirectLaunch, FastLaunch
 
 MAX_SEGMENTS = 3
 MAX_RANK = 64  # padded total rank (R of every output together) the kernel takes
@@ -76,21 +76,11 @@ def _lora_fwd_kernel(
         _rank_out(xa, rows, row_ok, rr, o2_ptr, b2_ptr, c2_ptr, s2, R0 + R1, R2, N2, BIAS2, BN)
 
 
-class _Plan:
-    """One layer shape's launch: the compiled kernel's DirectLaunch and, once an aligned call bound it, its
-    launcher."""
-
-    __slots__ = ("launch", "fast")
-
-    def __init__(self, launch: DirectLaunch) -> None:
-        self.launch, self.fast = launch, None
-
-
 # (K, R, ((N_i, r_i, has bias_i), ...), dtype, device) -> its _Plan, or None where the kernel does not take it.
-_plans: dict[tuple, _Plan | None] = {}
+_plans: dict[tuple, FastLaunch | None] = {}
 
 
-def _new_plan(k: int, r: int, shapes: tuple) -> _Plan | None:
+def _new_plan(k: int, r: int, shapes: tuple) -> FastLaunch | None:
     rp = max(16, triton.next_power_of_2(r))
     if rp > MAX_RANK or len(shapes) > MAX_SEGMENTS or any(n * 2**16 >= 2**31 for n, _, _ in shapes) or k >= 2**15:
         return None  # the accumulator would spill; or offsets past int32 at 65536 rows
@@ -99,7 +89,7 @@ def _new_plan(k: int, r: int, shapes: tuple) -> _Plan | None:
         n, ri, bias = shapes[i] if i < len(shapes) else (1, 1, False)
         meta.update({f"N{i}": n, f"R{i}": ri, f"BIAS{i}": bias})
     meta.update(BM=BM, BK=BK, BN=BN)
-    return _Plan(DirectLaunch(_lora_fwd_kernel, meta, num_warps=WARPS, num_stages=STAGES))
+    return FastLaunch(DirectLaunch(_lora_fwd_kernel, meta, num_warps=WARPS, num_stages=STAGES))
 
 
 MAX_ROWS = 2**16  # with K and every N below 2**15, no offset passes int32
@@ -137,10 +127,5 @@ def rank_forward(x: torch.Tensor, a: torch.Tensor, outputs) -> tuple[torch.Tenso
             args += [outs[0], outputs[0][0], outs[0], 0.0]  # never read
     args.append(m)
     grid = ((m + BM - 1) // BM,)
-    if ptrs & 15:  # some operand off 16-byte alignment: another specialisation, which DirectLaunch keys itself
-        plan.launch(grid, *args)
-    elif plan.fast is not None:
-        plan.fast(grid, tuple(args))
-    else:
-        plan.fast = plan.launch.bound(grid, *args)
+    plan(grid, tuple(args), not ptrs & 15)  # misaligned: another specialisation, which DirectLaunch keys itself
     return xa, outs

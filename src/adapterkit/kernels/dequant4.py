@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from .direct_launch import FastLaunch
 from .optional_triton import kernels
 
 _ENV = "ADAPTERKIT_DEQUANT"  # "bitsandbytes": never this kernel (read once, `set_enabled` changes it)
@@ -66,16 +67,15 @@ def code_table(quant_type: str, device: torch.device) -> torch.Tensor:
 
 
 class _Launch:
-    """One kernel launch over fixed weights: its arguments but the output, its grid, and once bound its launcher."""
+    """One kernel launch over fixed weights: its arguments but the output, its grid, and its launch."""
 
-    __slots__ = ("launch", "grid", "args", "fast", "device")
+    __slots__ = ("run", "grid", "args", "device")
 
     def __init__(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor, int]], blocksize: int, table: torch.Tensor):
         mod = kernels("_triton_dequant4")
-        self.launch = mod.launch_for(len(parts), blocksize)
+        self.run = FastLaunch(mod.launch_for(len(parts), blocksize))
         self.grid = mod.grid_for(tuple(n for _, _, n in parts))
         self.args = mod.kernel_args(table, tuple(parts))  # everything after the output
-        self.fast = None
         self.device = table.get_device()
 
     def into(self, out: torch.Tensor) -> torch.Tensor:
@@ -83,13 +83,7 @@ class _Launch:
         if 0 <= device != torch.cuda.current_device():  # Triton launches on the current device, not the inputs'
             with torch.cuda.device(device):
                 return self.into(out)
-        args = (out, *self.args)
-        if out.data_ptr() & 15:  # another specialisation than the bound one: DirectLaunch keys it itself
-            self.launch(self.grid, *args)
-        elif self.fast is not None:
-            self.fast(self.grid, args)
-        else:
-            self.fast = self.launch.bound(self.grid, *args)
+        self.run(self.grid, (out, *self.args), not out.data_ptr() & 15)  # the fixed operands keep their alignment
         return out
 
 

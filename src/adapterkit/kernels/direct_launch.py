@@ -127,6 +127,27 @@ class DirectLaunch:
         return launch
 
 
+
+class FastLaunch:
+    """`run(grid, args, aligned)`: a `DirectLaunch` for a hot path whose own key already fixes every argument's
+    specialisation but the pointers' alignment (shapes, dtypes, device). The first aligned call binds the launcher
+    (`bound`), later aligned calls call it directly; a call with some pointer off 16-byte alignment goes through the
+    DirectLaunch's keyed path. `fast` is the bound launcher, or None before the first aligned call (or where none
+    binds: then every call takes the keyed path)."""
+
+    __slots__ = ("launch", "fast")
+
+    def __init__(self, launch: DirectLaunch) -> None:
+        self.launch, self.fast = launch, None
+
+    def __call__(self, grid: tuple[int, ...], args: tuple, aligned: bool) -> None:
+        if not aligned:
+            self.launch(grid, *args)
+        elif self.fast is not None:
+            self.fast(grid, args)
+        else:
+            self.fast = self.launch.bound(grid, *args)
+
 def _c_launch(run) -> tuple[Callable, bool, bool] | None:
     """Triton 3.6's CUDA launcher as (its compiled `launch` entry, cooperative grid, PDL), where it needs no scratch
     buffers; else None. Calling that entry as the launcher's Python `__call__` would (scratch buffers None) skips that

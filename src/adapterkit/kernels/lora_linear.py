@@ -118,6 +118,7 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float, bias: torch.Tensor | 
     return torch.addmm(ignored, a, b, beta=0, alpha=s)
 
 
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # the rank-r forward and decode kernels'
 _rank_failed = False  # the rank-r forward kernel failed once here: cuBLAS from then on
 
 
@@ -128,7 +129,7 @@ def rank_kernel(x2d: torch.Tensor, lora_a: torch.Tensor, outputs) -> tuple[torch
     no usable Triton, or a call the kernel does not take (its module says which). The caller checks that x is on
     CUDA and that every operand has its dtype."""
     global _rank_failed
-    if _backend == "torch" or _rank_failed or x2d.dtype not in _DECODE_DTYPES or torch.compiler.is_compiling():
+    if _backend == "torch" or _rank_failed or x2d.dtype not in _KERNEL_DTYPES or torch.compiler.is_compiling():
         return None
     mod = kernels("_triton_lora_fwd")
     if mod is None or not x2d.is_contiguous() or not lora_a.is_contiguous():
@@ -290,7 +291,6 @@ def lora_infer(
 # Rows up to which the inference path issues the base GEMM first (decode); above it, the rank-r product first.
 _SMALL_ROWS = 512
 _decode_failed = False  # the decode kernel failed once here (a Triton that cannot compile it): cuBLAS from then on
-_DECODE_DTYPES = (torch.bfloat16, torch.float16)  # the decode kernel's
 
 
 def _decode_cublas(x2d, weight, bias, lora_a, lora_b, scaling) -> torch.Tensor:
@@ -313,7 +313,7 @@ def _decode_kernel(x, weight, bias, lora_a, lora_b, scaling) -> torch.Tensor | N
     where cuBLAS's GEMMs are faster there or that were never launched eagerly (the kernel module decides those).
     The caller has checked that every operand has x's dtype."""
     global _decode_failed
-    if _backend == "torch" or _decode_failed or x.dtype not in _DECODE_DTYPES or torch.compiler.is_compiling():
+    if _backend == "torch" or _decode_failed or x.dtype not in _KERNEL_DTYPES or torch.compiler.is_compiling():
         return None
     mod = kernels("_triton_lora_decode")
     if (mod is None or not x.is_contiguous() or not weight.is_contiguous() or not lora_a.is_contiguous()
