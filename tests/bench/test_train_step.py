@@ -1,5 +1,5 @@
 """bench/train_step.py on the CPU (its rows stepped in turn, as --interleave does on a GPU): every row is timed and
-written out; --interleave refuses the profilers."""
+written out; a row that fails to build is reported and the others still run; --interleave refuses the profilers."""
 
 from __future__ import annotations
 
@@ -31,6 +31,23 @@ def test_cpu_rows_are_stepped_in_turn_and_written(monkeypatch, tmp_path, capsys)
                                              "DoRA all-linear r=16 p=0 | adapterkit"]
     assert all(r["ms"] > 0 and len(r["ms_all"]) == 2 for r in results)
     assert "all-linear r=16 p=0 | adapterkit" in capsys.readouterr().out
+
+
+def test_a_row_that_fails_to_build_is_reported_and_left_out(monkeypatch, capsys):
+    bench = load(monkeypatch)
+    real = bench.make_step
+
+    def make_step(case, *args):
+        if case.impl == "adapterkit" and case.dora:
+            raise RuntimeError("out of memory")
+        return real(case, *args)
+
+    monkeypatch.setattr(bench, "make_step", make_step)
+    cases = [bench.Case("base"), bench.Case("adapterkit"), bench.Case("adapterkit", dora=True)]
+    results = bench.run_interleaved(cases, bench.SMALL, bench.torch.float32, "cpu", 1, 16, 1, 2)
+    assert [r.case.label for r in results] == ["frozen base", "all-linear r=16 p=0 | adapterkit"]
+    assert all(len(r.ms_all) == 2 for r in results)
+    assert "!! DoRA all-linear r=16 p=0 | adapterkit: RuntimeError: out of memory" in capsys.readouterr().out
 
 
 def test_interleave_refuses_the_profilers(monkeypatch):
